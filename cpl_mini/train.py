@@ -208,7 +208,7 @@ def _evaluate(model, test_loader):
             **{f"cert_{round(e * 255)}": v for e, v in res["certified"].items()}}
 
 
-def train(config, data=None, progress=True, log=print):
+def train(config, data=None, progress=True, log=print, stop_after_epoch=None):
     """Run (or resume) a training run; returns the results dict also written to ``results.json``.
 
     Args:
@@ -216,6 +216,8 @@ def train(config, data=None, progress=True, log=print):
         data: an optional already loaded :class:`cpl_mini.data.CifarData` (else read from
             ``config.data_root``).
         progress: show tqdm progress bars.
+        stop_after_epoch: stop (as if interrupted) once this epoch is done; calling ``train`` again
+            with the same config resumes from the checkpoint exactly.
     """
     from .data import load_cifar
     from .utils import device as pick_device
@@ -291,9 +293,9 @@ def train(config, data=None, progress=True, log=print):
             f"[{device_name(dev)}], {train_loader.num_examples} train images, batch {config.batch_size}, {config.epochs} epochs, "
             f"autocast {amp_dtype if amp_dtype else 'off'}, channels_last {config.channels_last}")
 
-    wall_before = sum(h["seconds"] for h in history)
     status, message = "running", None
-    for epoch in range(start_epoch, config.epochs):
+    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+    for epoch in range(start_epoch, last_epoch):
         t0 = time.time()
         model.train()
         train_loader.set_epoch(epoch)
@@ -322,7 +324,8 @@ def train(config, data=None, progress=True, log=print):
                        "another --seed, or a lower --lr.")
             if is_main:
                 log("ERROR: " + message)
-                _write_results(results_path, config, history, dev, wall_before, status, n_params, message=message)
+                _write_results(results_path, config, history, dev, sum(h["seconds"] for h in history), status,
+                               n_params, message=message)
             break
         entry = {"epoch": epoch + 1, "loss": mean_loss, "lr_end": lr_at(step - 1, total_steps, config.lr),
                  "train_seconds": time.time() - t0}
@@ -334,8 +337,7 @@ def train(config, data=None, progress=True, log=print):
         history.append(entry)
         if is_main:
             save_checkpoint(ckpt_path, model, optimizer, epoch + 1, config, history, step)
-            wall = wall_before + sum(h["seconds"] for h in history[len(history) - (epoch + 1 - start_epoch):])
-            _write_results(results_path, config, history, dev, wall, "running", n_params)
+            _write_results(results_path, config, history, dev, sum(h["seconds"] for h in history), "running", n_params)
             msg = f"epoch {epoch + 1}/{config.epochs}: loss {mean_loss:.4f}"
             if "clean_acc" in entry:
                 msg += (f" | clean {100 * entry['clean_acc']:.2f}% | certified 36/255 {100 * entry['cert_36']:.2f}%"
@@ -347,7 +349,7 @@ def train(config, data=None, progress=True, log=print):
         dist.barrier()
     wall = sum(h["seconds"] for h in history)
     if status == "running":
-        status = "finished"
+        status = "finished" if len(history) >= config.epochs else "stopped"
     final = None
     if history and "clean_acc" in history[-1]:
         final = {k: history[-1][k] for k in ("clean_acc", "cert_36", "cert_72", "cert_108")}
