@@ -36,7 +36,7 @@ from .allocator import tune_cpu_allocator
 from .certify import DEFAULT_EPS, certified_accuracy
 from .models import count_parameters, cpl_network
 
-__all__ = ["TrainConfig", "lr_at", "margin_loss", "train", "load_checkpoint", "load_run_model",
+__all__ = ["TrainConfig", "book_config", "lr_at", "margin_loss", "train", "load_checkpoint", "load_run_model",
            "CheckpointError", "NonFiniteLossError", "main"]
 
 CHECKPOINT_FORMAT = "cpl_mini-checkpoint-v1"
@@ -73,6 +73,30 @@ class TrainConfig:
     data_root: str = None
     head: str = "first"
     threads: int = None
+
+
+def book_config(device=None, quick=None, runs_dir="runs"):
+    """The run that the book's CIFAR-10 chapters train (and later certify), by mode and device.
+
+    * quick mode (CI): the tiny ``XS`` network, 2 epochs on 2,048 training and 500 test images;
+    * a CUDA GPU: the paper's ``S`` network, 30 epochs of the full data (the CLI runs the full 200);
+    * otherwise (a CPU): the book's ``CPU`` network, 10 epochs of the full data.
+
+    Calling :func:`train` with it resumes the run folder when it exists, so a finished run is loaded,
+    not retrained.
+    """
+    from .utils import device as pick_device
+    from .utils import quick_mode
+
+    quick = quick_mode() if quick is None else quick
+    device = pick_device() if device is None else torch.device(device)
+    runs_dir = pathlib.Path(runs_dir)
+    if quick:
+        return TrainConfig(size="XS", epochs=2, batch_size=128, limit_train=2048, limit_test=500,
+                           out=str(runs_dir / "cifar10-XS-quick"))
+    if device.type == "cuda":
+        return TrainConfig(size="S", epochs=30, out=str(runs_dir / "cifar10-S-gpu"))
+    return TrainConfig(size="CPU", epochs=10, out=str(runs_dir / "cifar10-CPU"))
 
 
 def lr_at(step, total_steps, lr):
