@@ -312,13 +312,13 @@ def train(config, data=None, progress=True, log=print, stop_after_epoch=None):
     if config.compile:
         step_fn = torch.compile(step_fn)
     n_params = count_parameters(model)
-    if is_main:
+    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+    if is_main and start_epoch < last_epoch:
         log(f"training CPL-{model.config['size']} ({n_params / 1e6:.1f}M parameters) on {dev.type} "
             f"[{device_name(dev)}], {train_loader.num_examples} train images, batch {config.batch_size}, {config.epochs} epochs, "
             f"autocast {amp_dtype if amp_dtype else 'off'}, channels_last {config.channels_last}")
 
     status, message = "running", None
-    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     for epoch in range(start_epoch, last_epoch):
         t0 = time.time()
         model.train()
