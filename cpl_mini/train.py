@@ -36,7 +36,8 @@ from .allocator import tune_cpu_allocator
 from .certify import DEFAULT_EPS, certified_accuracy
 from .models import count_parameters, cpl_network
 
-__all__ = ["TrainConfig", "book_config", "lr_at", "margin_loss", "train", "load_checkpoint", "load_run_model",
+__all__ = ["TrainConfig", "book_config", "use_channels_last", "lr_at", "margin_loss", "train", "load_checkpoint",
+           "load_run_model",
            "CheckpointError", "NonFiniteLossError", "main"]
 
 CHECKPOINT_FORMAT = "cpl_mini-checkpoint-v1"
@@ -62,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"  # auto | bf16 | fp16 | off
-    channels_last: bool = True
+    channels_last: object = "auto"  # "auto" | True | False (see use_channels_last)
     compile: bool = False
     augment: bool = True
     std_normalize: bool = False
@@ -117,6 +118,18 @@ def _cpu_has_bf16():
         return "avx512_bf16" in flags or "amx_bf16" in flags
     except OSError:
         return False
+
+
+def use_channels_last(setting, device):
+    """Resolve the ``channels_last`` setting: ``"auto"`` means the layout that measured faster.
+
+    Channels-last suits the convolution kernels of GPUs and of CPUs (measured 1.1-1.3x on training and
+    1.4x on inference for the book's networks, channel counts multiples of 16; see
+    ``benchmarks/RESULTS.md`` for the one case, S with 45 channels on an AVX2-only CPU, where NCHW won).
+    """
+    if setting == "auto" or setting is None:
+        return torch.device(device).type in ("cuda", "cpu")
+    return bool(setting)
 
 
 def autocast_dtype(device, amp="auto"):
@@ -277,7 +290,8 @@ def train(config, data=None, progress=True, log=print, stop_after_epoch=None):
     torch.manual_seed(config.seed)
     model = cpl_network(config.size, num_classes=100 if config.dataset == "cifar100" else 10, head=config.head)
     model.to(dev)
-    if config.channels_last:
+    channels_last = use_channels_last(config.channels_last, dev)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history, start_epoch, step = [], 0, 0
@@ -316,7 +330,7 @@ def train(config, data=None, progress=True, log=print, stop_after_epoch=None):
     if is_main and start_epoch < last_epoch:
         log(f"training CPL-{model.config['size']} ({n_params / 1e6:.1f}M parameters) on {dev.type} "
             f"[{device_name(dev)}], {train_loader.num_examples} train images, batch {config.batch_size}, {config.epochs} epochs, "
-            f"autocast {amp_dtype if amp_dtype else 'off'}, channels_last {config.channels_last}")
+            f"autocast {amp_dtype if amp_dtype else 'off'}, channels_last {channels_last}")
 
     status, message = "running", None
     for epoch in range(start_epoch, last_epoch):
@@ -392,10 +406,10 @@ def _loaders(data, config, dev, rank=0, world=1):
     train_loader = DeviceLoader(data.train_images, data.train_labels, config.batch_size, train=True, device=dev,
                                 seed=config.seed, std=bool(config.std_normalize), augment=config.augment,
                                 limit=config.limit_train, rank=rank, world_size=world,
-                                channels_last=config.channels_last)
+                                channels_last=use_channels_last(config.channels_last, dev))
     test_loader = DeviceLoader(data.test_images, data.test_labels, 500, train=False, device=dev,
                                mean=train_loader.mean, std=train_loader.std, limit=config.limit_test,
-                               channels_last=config.channels_last)
+                               channels_last=use_channels_last(config.channels_last, dev))
     return train_loader, test_loader
 
 
@@ -431,7 +445,7 @@ def load_run_model(run_dir, data_root=None, device=None, limit_test=None, data=N
     model = cpl_network(cfg["size"], num_classes=100 if cfg["dataset"] == "cifar100" else 10, head=cfg.get("head", "first"))
     model.load_state_dict(state["model"])
     model.to(dev).eval()
-    if cfg.get("channels_last", True):
+    if use_channels_last(cfg.get("channels_last", "auto"), dev):
         model.to(memory_format=torch.channels_last)
     if data is None:
         data = load_cifar(cfg["dataset"], root=data_root or cfg.get("data_root"))
@@ -450,6 +464,10 @@ def _bool(text):
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _auto_bool(text):
+    return "auto" if text.lower() == "auto" else _bool(text)
+
+
 def build_parser():
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m cpl_mini.train", description=__doc__,
@@ -464,7 +482,8 @@ def build_parser():
     p.add_argument("--device", default=d.device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"],
                    help="autocast: auto = bf16 where supported (default)")
-    p.add_argument("--channels-last", type=_bool, default=d.channels_last)
+    p.add_argument("--channels-last", type=_auto_bool, default=d.channels_last,
+                   help="auto (default: the layout measured faster on this device), true or false")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--augment", type=_bool, default=d.augment)
     p.add_argument("--std-normalize", action="store_true", help="divide inputs by the std (certificates account for it)")

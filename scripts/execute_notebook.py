@@ -30,8 +30,10 @@ def main(argv=None):
         nb = nbformat.read(path, as_version=4)
         start = time.time()
         client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3", record_timing=False,
+                                store_widget_state=False,
                                 resources={"metadata": {"path": str(path.parent.resolve())}})
         client.execute()
+        nb.metadata.pop("widgets", None)  # saved widget state makes the HTML load widget scripts from a CDN
         tmp = path.with_suffix(".ipynb.tmp")
         nbformat.write(nb, tmp)
         os.replace(tmp, path)
