@@ -349,7 +349,11 @@ def train(config, data=None, progress=True, log=print, stop_after_epoch=None):
             count += 1
             step += 1
             if count % 20 == 0 or count == steps_per_epoch:
-                value = (total / count).item()
+                mean = total / count
+                if distributed:  # every process must see the same value, or they stop at different steps
+                    dist.all_reduce(mean)
+                    mean = mean / world
+                value = mean.item()
                 if not math.isfinite(value):
                     break
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
@@ -449,7 +453,8 @@ def load_run_model(run_dir, data_root=None, device=None, limit_test=None, data=N
         model.to(memory_format=torch.channels_last)
     if data is None:
         data = load_cifar(cfg["dataset"], root=data_root or cfg.get("data_root"))
-    config = TrainConfig(**cfg)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in cfg.items() if k in known})
     if limit_test is not None:
         config.limit_test = limit_test
     _, test_loader = _loaders(data, config, dev)
