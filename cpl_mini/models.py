@@ -15,7 +15,6 @@ __all__ = ["SIZES", "cpl_network", "count_parameters", "describe"]
 
 #: name -> (conv CPL layers, dense CPL layers, channels C, dense inner width). S, M, L and XL are the
 #: paper's sizes (from the authors' code); XS (for tests) and CPU (the book's CPU run) are this package's.
-#: paper's sizes (from the authors' code); XS (tests) and CPU (the book's CPU run) are this package's.
 SIZES = {
     "XS": (4, 2, 16, 256),
     # The book's CPU network: what 10 epochs of CIFAR-10 allow in about an hour on 2 AVX2 cores
