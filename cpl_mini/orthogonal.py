@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .normalized import _check_last_dim
 from .spectral import dense_spectral_norm_upper
 
 __all__ = ["skew", "cayley", "CayleyLinear", "MatrixExpLinear", "MaxMin"]
@@ -55,13 +56,6 @@ def cayley(A):
         raise ValueError(f"cayley expects square matrices (..., d, d), got shape {tuple(A.shape)}")
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     return torch.linalg.solve(eye + A, eye - A)
-
-
-def _check_last_dim(module, x, n):
-    if x.dim() < 1 or x.shape[-1] != n:
-        raise ValueError(
-            f"{type(module).__name__} expects inputs of shape (..., {n}), got {tuple(x.shape)}; "
-            f"flatten images first (nn.Flatten) or build the layer with in_features={x.shape[-1] if x.dim() else '?'}.")
 
 
 class _SkewParametrizedLinear(nn.Module):
