@@ -1,34 +1,144 @@
 """cpl_mini: 1-Lipschitz networks from a dynamical-system perspective.
 
-Companion package of the book *1-Lipschitz Networks as Dynamical Systems*. Submodules:
+Companion package of the book *1-Lipschitz Networks as Dynamical Systems*. The public API is flat, as
+``torch.nn`` and ``torchdiffeq`` expose theirs::
 
-- :mod:`cpl_mini.spectral`  power iteration, exact and guaranteed upper-bound spectral norms
-- :mod:`cpl_mini.layers`    the Convex Potential Layer (dense and convolutional) and the network pieces
-- :mod:`cpl_mini.flows`     vector fields, their flows (torchdiffeq) and explicit Euler steps
-- :mod:`cpl_mini.lipschitz` empirical *lower* bounds of a network's Lipschitz constant
-- :mod:`cpl_mini.data`      CIFAR-10/100 read safely from the official archives, device-side loading
-- :mod:`cpl_mini.models`, :mod:`cpl_mini.train`, :mod:`cpl_mini.certify`, :mod:`cpl_mini.attacks`
+    from cpl_mini import ConvexPotentialConv2d, cpl_network, certified_accuracy
 
-Submodules load lazily, so ``import cpl_mini`` is fast.
+Every public name is listed in ``_API`` below with the module that defines it; names load lazily on first
+use, so ``import cpl_mini`` is fast (it does not import torch). Submodules stay importable
+(``cpl_mini.spectral``, ``cpl_mini.layers``, ...) for readers who want to see where a thing lives.
 """
 import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = (
-    "spectral", "layers", "flows", "lipschitz", "data", "models", "train", "certify", "attacks",
-    "utils", "orthogonal", "normalized", "sll", "plotting",
-)
-_UTILS = ("device", "seed_everything", "quick_mode", "setup", "REPO_URL", "colab_url")
+#: public name -> module that defines it (one line each; sorted by module).
+_API = {
+    # utils: device, seeding, quick mode, the chapters' set-up
+    "device": "utils",
+    "seed_everything": "utils",
+    "quick_mode": "utils",
+    "setup": "utils",
+    "REPO_URL": "utils",
+    "colab_url": "utils",
+    "glue": "utils",
+    # spectral: norms of matrices and convolutions
+    "power_iteration": "spectral",
+    "dense_spectral_norm": "spectral",
+    "dense_spectral_norm_upper": "spectral",
+    "conv_spectral_norm_fft": "spectral",
+    "conv_spectral_norm_upper": "spectral",
+    "conv_operator": "spectral",
+    "gram_iteration_dense": "spectral",
+    "gram_iteration_conv": "spectral",
+    # layers: the Convex Potential Layer and the network pieces
+    "ConvexPotentialLinear": "layers",
+    "ConvexPotentialConv2d": "layers",
+    "ChannelPad": "layers",
+    "LipschitzAvgPool2d": "layers",
+    "FirstCoordinates": "layers",
+    "RowNormalizedLinear": "layers",
+    "lipschitz_upper_bound": "layers",
+    # other 1-Lipschitz layers
+    "skew": "orthogonal",
+    "cayley": "orthogonal",
+    "CayleyLinear": "orthogonal",
+    "MatrixExpLinear": "orthogonal",
+    "MaxMin": "orthogonal",
+    "SpectralNormLinear": "normalized",
+    "AOLLinear": "normalized",
+    "aol_scaling": "normalized",
+    "sll_t": "sll",
+    "sll_residual": "sll",
+    "SLLLinear": "sll",
+    # flows: vector fields, their flows and Euler steps
+    "VectorField": "flows",
+    "ConvexPotentialField": "flows",
+    "SkewSymmetricField": "flows",
+    "LinearField": "flows",
+    "FunctionField": "flows",
+    "SumField": "flows",
+    "flow": "flows",
+    "euler": "flows",
+    "trajectory_distance": "flows",
+    "one_sided_lipschitz": "flows",
+    "euler_step": "flows",
+    "euler_step_lipschitz_lower_bound": "flows",
+    # lipschitz: empirical lower bounds
+    "pair_ratio": "lipschitz",
+    "random_pairs_lower_bound": "lipschitz",
+    "jacobian_spectral_norm": "lipschitz",
+    "exact_jacobian_norm": "lipschitz",
+    "worst_pair_search": "lipschitz",
+    # data: CIFAR read safely, the device-resident loader, toy 2-D sets
+    "CIFAR_CLASSES": "data",
+    "CifarData": "data",
+    "CorruptArchiveError": "data",
+    "UnsafePickleError": "data",
+    "ArchiveChecksumWarning": "data",
+    "default_data_root": "data",
+    "load_cifar": "data",
+    "clear_cache": "data",
+    "DeviceLoader": "data",
+    "EpochPlan": "data",
+    "cifar_loaders": "data",
+    "make_moons": "data",
+    "make_circles": "data",
+    "make_spirals": "data",
+    # models: the paper's networks
+    "SIZES": "models",
+    "cpl_network": "models",
+    "count_parameters": "models",
+    "describe": "models",
+    # training, runs and checkpoints
+    "TrainConfig": "train",
+    "book_config": "train",
+    "use_channels_last": "train",
+    "autocast_dtype": "train",
+    "lr_at": "train",
+    "margin_loss": "train",
+    "train": "train",
+    "load_checkpoint": "train",
+    "load_run_model": "train",
+    "CheckpointError": "train",
+    "NonFiniteLossError": "train",
+    # certification
+    "DEFAULT_EPS": "certify",
+    "certified_radius": "certify",
+    "certified_radius_pairwise": "certify",
+    "certified_accuracy": "certify",
+    "network_lipschitz": "certify",
+    "format_table": "certify",
+    # attacks
+    "margin": "attacks",
+    "pgd_l2": "attacks",
+    "minimal_adversarial_l2": "attacks",
+    # plotting helpers of the chapters
+    "decision_grid": "plotting",
+    "plot_decision_boundary": "plotting",
+    "plot_certified_balls": "plotting",
+    "ball_prediction_changes": "plotting",
+    "plot_vector_field": "plotting",
+    "plot_transported_grid": "plotting",
+    # allocator
+    "tune_cpu_allocator": "allocator",
+}
+
+__all__ = sorted(_API)
 
 
 def __getattr__(name):
-    if name in _SUBMODULES:
+    module = _API.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+    try:
         return importlib.import_module(f".{name}", __name__)
-    if name in _UTILS:
-        return getattr(importlib.import_module(".utils", __name__), name)
-    raise AttributeError(f"module 'cpl_mini' has no attribute {name!r}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'cpl_mini' has no attribute {name!r}") from None
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_SUBMODULES) + list(_UTILS))
+    return sorted(set(globals()) | set(_API))

@@ -80,18 +80,33 @@ class _ConvexPotentialBase(nn.Module):
             self.u.copy_(u_new)
         return sigma
 
-    def _cache_key(self):
-        w = self.weight
-        return (self.eval_norm, self.n_eval_iter, w._version, w.data_ptr(), w.device, w.dtype)
+    def _cached_norm(self):
+        """The cached norm if it was computed from exactly the weight the layer holds now, else None.
+
+        The cache keeps a copy of the weight it was computed from and compares it element by element
+        (``torch.equal``): version counters are not enough (fused and compiled optimizers update
+        weights without bumping them), and a comparison costs one pass over the weight.
+        """
+        entry = self._norm_cache.get((self.eval_norm, self.n_eval_iter))
+        if entry is None:
+            return None
+        weight, value = entry
+        w = self.weight.detach()
+        if weight.shape != w.shape or weight.dtype != w.dtype or weight.device != w.device:
+            return None
+        return value if torch.equal(weight, w) else None
 
     def reset_norm_cache(self):
-        """Forget the cached evaluation norm (only needed after edits through ``.data``)."""
+        """Forget the cached evaluation norm (never needed for soundness: the cache checks the weight)."""
         self._norm_cache.clear()
 
     def eval_spectral_norm(self):
-        """The norm used in evaluation mode (cached until the weight changes), a float32/64 0-dim tensor."""
-        key = self._cache_key()
-        value = self._norm_cache.get(key)
+        """The norm used in evaluation mode, a float32/64 0-dim tensor.
+
+        Cached with a copy of the weight it was computed from; recomputed whenever the weight differs
+        from that copy, however it was changed.
+        """
+        value = self._cached_norm()
         if value is None:
             with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False):
                 if self.eval_norm == "sound":
@@ -99,7 +114,7 @@ class _ConvexPotentialBase(nn.Module):
                 else:
                     value = self._power_norm(self.n_eval_iter, update=False).to(torch.float64)
             self._norm_cache.clear()
-            self._norm_cache[key] = value
+            self._norm_cache[(self.eval_norm, self.n_eval_iter)] = (self.weight.detach().clone(), value)
         return value
 
     def sound_spectral_norm(self):

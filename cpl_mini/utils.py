@@ -78,3 +78,18 @@ def setup(seed=0, threads=None, verbose=True):
         if in_colab and dev.type != "cuda":
             print("No GPU attached: in Colab choose Runtime > Change runtime type > GPU for the training chapters.")
     return dev
+
+
+def glue(name, value, display=False):
+    """Store ``value`` under ``name`` for the book's text and return it.
+
+    In the book, ``{glue:text}`name``` in a chapter's markdown shows the value stored by the executed
+    cell (myst-nb's glue), so the prose quotes the run instead of a typed number. Where myst-nb is not
+    installed (Colab runs only need ``cpl_mini``), nothing is stored and ``value`` is returned.
+    """
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return value
+    myst_glue(name, value, display=display)
+    return value
