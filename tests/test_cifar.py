@@ -1,29 +1,42 @@
-"""Tests of cpl_mini.data: safe CIFAR reading, the device loader, toy 2-D sets.
+"""Tests of cpl_mini.cifar: reading CIFAR safely from the official archives, with bounded memory.
 
 The CIFAR tests build small archives in the exact official layout (Python-2-era pickles written
-opcode by opcode, as the official files are), so they need no download; one module fixture reads the
-real offline archive (``$CPL_MINI_DATA`` or ``<repo>/../shared/data``).
+opcode by opcode, as the official files are), so they need no download; for them the format's row counts
+are shrunk to the synthetic ones (:func:`use_rows`). The format checks themselves are tested at the real
+sizes, hostile files in a subprocess whose peak memory is measured, and one module fixture reads the real
+offline archive (``$CPL_MINI_DATA`` or ``<repo>/../shared/data``).
 """
 import dataclasses
+import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
+import re
 import shlex
 import struct
+import subprocess
+import sys
 import tarfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from cpl_mini import data as D
-from cpl_mini.data import (
-    CIFAR_CLASSES, ArchiveChecksumWarning, CifarData, CorruptArchiveError, DeviceLoader,
-    cifar_loaders, default_data_root, load_cifar, make_circles, make_moons, make_spirals,
+from cpl_mini import cifar as C
+from cpl_mini.cifar import (
+    CIFAR_CLASSES,
+    ArchiveChecksumWarning,
+    CifarData,
+    CorruptArchiveError,
+    UnsafePickleError,
+    clear_cache,
+    default_data_root,
+    load_cifar,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +47,33 @@ C10_ARCHIVE = "cifar-10-python.tar.gz"
 # ----------------------------------------------------------------------------------------------------
 # Building archives in the official layout
 # ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Claim:
+    """An array as a pickle may describe it: any ``shape``, any ``payload``, any ``_reconstruct`` shape."""
+    shape: tuple
+    payload: bytes
+    recon: tuple = (0,)
+
+
 def py2_pickle(obj) -> bytes:
     """Protocol-2 pickle as Python 2 + numpy 1.x wrote the official batches.
 
     Strings are Python-2 ``str`` (BINSTRING opcodes, read back as ``bytes`` with ``encoding="bytes"``);
-    arrays go through ``numpy.core.multiarray._reconstruct`` with their raw bytes as one string.
+    arrays go through ``numpy.core.multiarray._reconstruct`` with their raw bytes as one string
+    (a :class:`Claim` is written the same way with whatever shape and payload it says).
     """
     out = [b"\x80\x02"]
+
+    def emit_tuple(items):
+        if 1 <= len(items) <= 3:
+            for v in items:
+                emit(v)
+            out.append(b"\x85\x86\x87"[len(items) - 1:len(items)])  # TUPLE1/2/3
+        else:
+            out.append(b"(")
+            for v in items:
+                emit(v)
+            out.append(b"t")
 
     def emit(o):
         if isinstance(o, dict):
@@ -58,19 +91,21 @@ def py2_pickle(obj) -> bytes:
             out.append(b"N")
         elif isinstance(o, int):
             out.append(b"K" + bytes([o]) if 0 <= o < 256 else b"J" + struct.pack("<i", o))
+        elif isinstance(o, float):
+            out.append(b"G" + struct.pack(">d", o))
         elif isinstance(o, bytes):
             out.append(b"U" + bytes([len(o)]) + o if len(o) < 256 else b"T" + struct.pack("<I", len(o)) + o)
-        elif isinstance(o, np.ndarray):
-            assert o.dtype == np.uint8 and o.ndim == 2 and o.flags.c_contiguous
+        elif isinstance(o, (np.ndarray, Claim)):
+            if isinstance(o, np.ndarray):
+                assert o.dtype == np.uint8 and o.ndim == 2 and o.flags.c_contiguous
+                o = Claim(o.shape, o.tobytes())
             out.append(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n")
-            emit(0)
-            out.append(b"\x85")            # TUPLE1 (0,)
+            emit_tuple(o.recon)            # (0,)
             emit(b"b")
             out.append(b"\x87R(")          # TUPLE3, REDUCE, MARK of the state
             emit(1)
-            emit(o.shape[0])
-            emit(o.shape[1])
-            out.append(b"\x86cnumpy\ndtype\n")
+            emit_tuple(o.shape)
+            out.append(b"cnumpy\ndtype\n")
             emit(b"u1")
             emit(0)
             emit(1)
@@ -82,7 +117,7 @@ def py2_pickle(obj) -> bytes:
             emit(-1)
             emit(0)
             out.append(b"tb\x89")          # BUILD the dtype, is_fortran False
-            emit(o.tobytes())
+            emit(o.payload)
             out.append(b"tb")              # BUILD the array
         else:
             raise TypeError(type(o))
@@ -158,6 +193,12 @@ def assert_matches(data: CifarData, syn: Synthetic):
     assert data.classes == syn.classes
 
 
+def use_rows(monkeypatch, name: str, train_rows: int, test_rows: int) -> None:
+    """Shrink the row counts the format demands to those of a synthetic data set (for this test only)."""
+    monkeypatch.setitem(C._SPECS, name, dataclasses.replace(C._SPECS[name], train_rows=train_rows,
+                                                            test_rows=test_rows))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """These tensors are small: one intra-op thread is as fast and kinder to a shared CPU."""
@@ -168,7 +209,8 @@ def one_thread():
 
 
 @pytest.fixture
-def syn():
+def syn(monkeypatch):
+    use_rows(monkeypatch, "cifar10", 7, 9)
     return synthetic_cifar10()
 
 
@@ -206,7 +248,8 @@ def test_python3_pickles_are_read_too(tmp_path, syn):
     assert_matches(load_cifar(root=tmp_path, download=False), syn)
 
 
-def test_cifar100_fine_labels(tmp_path):
+def test_cifar100_fine_labels(tmp_path, monkeypatch):
+    use_rows(monkeypatch, "cifar100", 11, 5)
     rng = np.random.default_rng(1)
     x, tx = (rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8) for n in (11, 5))
     fine, tfine = rng.integers(0, 100, 11), rng.integers(0, 100, 5)
@@ -235,7 +278,7 @@ def test_cache_and_reload(tmp_path, syn, monkeypatch):
         raise AssertionError("read again")
 
     with monkeypatch.context() as m:
-        m.setattr(D, "_read_archive", boom)
+        m.setattr(C, "_read_archive", boom)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a cache hit warns no more
             assert load_cifar(root=tmp_path, download=False) is first
@@ -246,7 +289,7 @@ def test_cache_and_reload(tmp_path, syn, monkeypatch):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.warns(ArchiveChecksumWarning):
         assert_matches(load_cifar(root=tmp_path, download=False), other)
-    assert sum(k[1] == str(path.resolve()) for k in D._CACHE) == 1  # the stale split was dropped
+    assert sum(k[1] == str(path.resolve()) for k in C._CACHE) == 1  # the stale split was dropped
 
 
 def test_default_data_root(monkeypatch, tmp_path):
@@ -294,9 +337,10 @@ def test_hostile_pickle_is_refused_and_not_run(tmp_path, syn, payload, form):
         write_tar(tmp_path / C10_ARCHIVE, C10, files)
     else:
         write_folder(tmp_path, C10, files)
-    with pytest.raises(pickle.UnpicklingError, match=r"refused to load the global .*(system|open)"):
+    with pytest.raises(pickle.UnpicklingError, match=r"refused to load the global .*(system|open)") as e:
         load_cifar(root=tmp_path, download=False)
     assert not marker.exists()
+    assert isinstance(e.value, UnsafePickleError) and f"{C10}/data_batch_2: refused" in str(e.value)
 
 
 def test_allowed_module_but_not_allowed_name(tmp_path, syn):
@@ -384,7 +428,7 @@ def test_unreachable_url(tmp_path):
 def test_download_from_file_url(tmp_path, syn, monkeypatch):
     src = write_tar(tmp_path / "mirror.tar.gz", C10, syn.files)
     md5 = hashlib.md5(src.read_bytes()).hexdigest()
-    monkeypatch.setitem(D._SPECS, "cifar10", dataclasses.replace(D._SPECS["cifar10"], md5=md5))
+    monkeypatch.setitem(C._SPECS, "cifar10", dataclasses.replace(C._SPECS["cifar10"], md5=md5))
     root = tmp_path / "root"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # verified download: no checksum warning
@@ -396,7 +440,7 @@ def test_download_from_file_url(tmp_path, syn, monkeypatch):
 
 def test_download_with_wrong_md5(tmp_path, syn, monkeypatch):
     src = write_tar(tmp_path / "mirror.tar.gz", C10, syn.files)
-    monkeypatch.setitem(D._SPECS, "cifar10", dataclasses.replace(D._SPECS["cifar10"], md5="0" * 32))
+    monkeypatch.setitem(C._SPECS, "cifar10", dataclasses.replace(C._SPECS["cifar10"], md5="0" * 32))
     root = tmp_path / "root"
     with pytest.raises(CorruptArchiveError, match="md5"):
         load_cifar(root=root, url=src.as_uri())
@@ -418,9 +462,10 @@ def real():
     root = _real_root()
     if root is None:
         pytest.skip(f"no {C10_ARCHIVE} under $CPL_MINI_DATA or {REPO.parent / 'shared' / 'data'}")
+    clear_cache()  # read it now (and keep it for the other test modules of this run)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        data = load_cifar("cifar10", root=root, download=False, cache=False)
+        data = load_cifar("cifar10", root=root, download=False)
     return data, [r for r in rec if issubclass(r.category, ArchiveChecksumWarning)]
 
 
@@ -453,239 +498,285 @@ def test_real_archive(real):
         assert "known offline copy" in str(warned[0].message) and "JPEG" in str(warned[0].message)
 
 
-def test_real_loaders(real):
-    data, _ = real
-    train, test = cifar_loaders(data, batch_size=128, std=True, limit_train=512, limit_test=300)
-    mean = real_mean(data)
-    assert torch.allclose(train.mean.flatten().double(), mean, atol=1e-6)
-    assert torch.allclose(train.std.flatten(), torch.tensor([0.247, 0.243, 0.261]), atol=5e-3)
-    assert torch.equal(test.mean, train.mean) and torch.equal(test.std, train.std)
-    assert (len(train), len(test)) == (4, 1)
-    x, y = next(iter(train))
-    assert x.shape == (128, 3, 32, 32) and y.shape == (128,)
-
 
 # ----------------------------------------------------------------------------------------------------
-# DeviceLoader
+# The format is checked before anything is allocated, at the real sizes
 # ----------------------------------------------------------------------------------------------------
+OFFICIAL_ROWS = 10000  # of every CIFAR-10 batch
+
+
+def gz_tar(*parts: bytes) -> bytes:
+    """gzip of raw tar blocks (headers from ``TarInfo.tobuf``, padded payloads), then the end marker."""
+    return gzip.compress(b"".join(parts) + bytes(1024), compresslevel=1)
+
+
+def tar_member(name: str, payload: bytes, size=None, kind=tarfile.REGTYPE) -> bytes:
+    """One tar member whose header may claim any ``size`` (GNU format: base-256 for huge sizes)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = len(payload) if size is None else size, kind
+    return info.tobuf(format=tarfile.GNU_FORMAT) + payload + bytes(-len(payload) % 512)
+
+
+def official_batch(rows=OFFICIAL_ROWS, labels=None) -> bytes:
+    """A CIFAR-10 training batch of ``rows`` black pictures (the official opcodes)."""
+    labels = [k % 10 for k in range(rows)] if labels is None else labels
+    return py2_pickle({b"batch_label": b"training batch 1 of 5", b"labels": labels,
+                       b"data": np.zeros((rows, 3072), np.uint8)})
+
+
+def only_data_batch_1(root: Path, payload: bytes, form: str) -> Path:
+    """A CIFAR-10 whose data_batch_1 is ``payload`` (the other files are empty: never reached)."""
+    if form == "folder":
+        write_folder(root, C10, {f: b"" for f in C._SPECS["cifar10"].needed()})
+        (root / C10 / "data_batch_1").write_bytes(payload)
+    else:
+        (root / C10_ARCHIVE).write_bytes(gz_tar(tar_member(f"{C10}/data_batch_1", payload)))
+    return root
+
+
+@pytest.mark.parametrize("form", ["archive", "folder"])
+@pytest.mark.parametrize("damage, match", [
+    ("9999 rows", r"data_batch_1: refused a uint8 array of shape \(9999, 3072\) .*N = 10000"),
+    ("label 10", r"data_batch_1: labels b'labels' outside \[0, 10\) \(min 0, max 10\)"),
+    ("label -1", r"data_batch_1: labels b'labels' outside \[0, 10\) \(min -1, max 9\)"),
+    ("9999 labels", r"data_batch_1: 10000 images but labels b'labels' of shape \(9999,\)"),
+], ids=["9999 rows", "label 10", "label -1", "9999 labels"])
+def test_batches_must_fit_the_official_format(tmp_path, form, damage, match):
+    rows = 9999 if damage == "9999 rows" else OFFICIAL_ROWS
+    labels = [k % 10 for k in range(rows)]
+    if damage.startswith("label "):
+        labels[1234] = int(damage.split()[1])
+    elif damage == "9999 labels":
+        labels = labels[:9999]
+    only_data_batch_1(tmp_path, official_batch(rows, labels), form)
+    with pytest.raises(CorruptArchiveError, match=match) as e:
+        load_cifar(root=tmp_path, download=False)
+    named = tmp_path / C10_ARCHIVE if form == "archive" else tmp_path / C10 / "data_batch_1"
+    assert str(named) in str(e.value)
+
+
+def test_cifar100_coarse_labels_are_checked_too(tmp_path, monkeypatch):
+    use_rows(monkeypatch, "cifar100", 3, 2)
+
+    def batch(n, coarse):
+        return py2_pickle({b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": [99] * n,
+                           b"coarse_labels": coarse})
+
+    files = {"train": batch(3, [19, 0, 20]), "test": batch(2, [0, 0]),
+             "meta": py2_pickle({b"fine_label_names": [b"x"] * 100})}
+    write_folder(tmp_path, "cifar-100-python", files)
+    with pytest.raises(CorruptArchiveError, match=r"train: labels b'coarse_labels' outside \[0, 20\)"):
+        load_cifar("cifar100", root=tmp_path, download=False)
+    files["train"] = py2_pickle({b"data": np.zeros((3, 3072), np.uint8), b"fine_labels": [99] * 3})
+    (tmp_path / "cifar-100-python" / "train").write_bytes(files["train"])
+    with pytest.raises(CorruptArchiveError, match=r"b'coarse_labels' should be a list of 3 integer labels"):
+        load_cifar("cifar100", root=tmp_path, download=False)
+
+
+def test_unexpected_large_member_is_refused(tmp_path, syn):
+    members = [tar_member(f"{C10}/{name}", payload) for name, payload in syn.files.items()]
+    members.insert(2, tar_member(f"{C10}/extra.bin", bytes(2 << 20)))
+    (tmp_path / C10_ARCHIVE).write_bytes(gz_tar(*members))
+    with pytest.raises(CorruptArchiveError, match=rf"unexpected member {C10}/extra.bin of 2097152 bytes"):
+        load_cifar(root=tmp_path, download=False)
+
+
+def test_member_claiming_a_huge_size_is_refused(tmp_path, syn):
+    members = [tar_member(f"{C10}/{name}", payload) for name, payload in syn.files.items()]
+    members[3] = tar_member(f"{C10}/data_batch_4", b"tiny", size=10**12)
+    (tmp_path / C10_ARCHIVE).write_bytes(gz_tar(*members))
+    with pytest.raises(CorruptArchiveError, match=r"member cifar-10-batches-py/data_batch_4 claims "
+                                                  r"1000000000000 bytes, more than a CIFAR-10 data_batch_4"):
+        load_cifar(root=tmp_path, download=False)
+
+
+def test_data_past_the_tar_end_is_bounded(tmp_path, syn):
+    """A gzip stream that goes on after the tar's end (a compression bomb) is cut at the format's size."""
+    members = [tar_member(f"{C10}/{name}", payload) for name, payload in syn.files.items()]
+    limit = sum(C._SPECS["cifar10"].cap(f) for f in C._SPECS["cifar10"].needed()) + (8 << 20)
+    tail = bytes(limit + (1 << 20))
+    stream = b"".join(members) + bytes(1024) + tail
+    (tmp_path / C10_ARCHIVE).write_bytes(gzip.compress(stream, compresslevel=1))
+    with pytest.raises(CorruptArchiveError, match=rf"{C10_ARCHIVE} .*decompresses to more than {limit} "):
+        load_cifar(root=tmp_path, download=False)
+
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("65 members", r"more than 64 tar members"),
+    ("twice", rf"member {C10}/data_batch_2 appears twice"),
+    ("sparse", rf"member {C10}/data_batch_2 is a sparse file"),
+])
+def test_tar_layouts_the_format_never_uses(tmp_path, syn, damage, match):
+    members = [tar_member(f"{C10}/{name}", payload) for name, payload in syn.files.items()]
+    if damage == "65 members":
+        members = [tar_member(f"{C10}/note{k}.txt", b"x") for k in range(65)] + members
+    elif damage == "twice":
+        members.insert(2, members[1])
+    else:
+        members[1] = tar_member(f"{C10}/data_batch_2", syn.files["data_batch_2"], kind=tarfile.GNUTYPE_SPARSE)
+    (tmp_path / C10_ARCHIVE).write_bytes(gz_tar(*members))
+    with pytest.raises(CorruptArchiveError, match=match):
+        load_cifar(root=tmp_path, download=False)
+
+
+def test_oversized_folder_file_is_refused(tmp_path, syn):
+    files = dict(syn.files)
+    cap = C._SPECS["cifar10"].cap("data_batch_3")
+    files["data_batch_3"] = files["data_batch_3"] + bytes(cap)  # a valid pickle, then padding
+    write_folder(tmp_path, C10, files)
+    with pytest.raises(CorruptArchiveError, match=rf"{C10}/data_batch_3 has more than the {cap} bytes"):
+        load_cifar(root=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("two pixel arrays", r"holds more arrays than a CIFAR batch"),
+    ("5000 opcodes", r"has more than 4152 pickle opcodes"),
+    ("dtype with fields", r"refused a dtype state that is not numpy's own"),
+    ("float labels", r"b'labels' should be a list of 7 integer labels"),
+])
+def test_pickles_the_format_never_uses(tmp_path, syn, damage, match):
+    """With 7 rows a batch may hold one (7, 3072) uint8 array, 8 * 7 + 4096 opcodes, integer labels."""
+    pixels = np.zeros((7, 3072), np.uint8)
+    batch = {b"labels": [1] * 7, b"data": pixels}
+    if damage == "two pixel arrays":
+        batch[b"more"] = pixels
+    elif damage == "5000 opcodes":
+        batch[b"filenames"] = [None] * 5000
+    elif damage == "float labels":
+        batch[b"labels"] = [0.5] * 7
+    payload = py2_pickle(batch)
+    if damage == "dtype with fields":
+        payload = payload.replace(b"U\x01|NNN", b"U\x01|N]NN")
+    files = {**syn.files, "data_batch_2": payload}
+    write_folder(tmp_path, C10, files)
+    with pytest.raises(CorruptArchiveError, match=rf"{C10}/data_batch_2: .*{match}"):
+        load_cifar(root=tmp_path, download=False)
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile files: refused quickly, with a small peak memory (measured in a subprocess)
+# ----------------------------------------------------------------------------------------------------
+def ops_of(claim: Claim) -> bytes:
+    """The opcodes of one array alone (no protocol header, no STOP)."""
+    return py2_pickle(claim)[2:-1]
+
+
+def batch_with(data_ops: bytes, proto: bytes = b"\x80\x02") -> bytes:
+    """A batch pickle ``{b'labels': [1], b'data': <data_ops>}`` with ``data_ops`` given as raw opcodes."""
+    return proto + b"}(U\x06labels](K\x01eU\x04data" + data_ops + b"u."
+
+
+def hex_bomb(levels: int) -> bytes:
+    """``_codecs.encode(... _codecs.encode(b'ab', 'hex') ..., 'hex')``: doubles ``levels`` times."""
+    ops = b"U\x02ab"
+    for _ in range(levels):
+        ops = b"c_codecs\nencode\n(" + ops + b"X\x03\x00\x00\x00hextR"
+    return batch_with(ops)
+
+
+def object_array(n: int) -> bytes:
+    """numpy's own opcodes for an object array of ``n`` entries whose state carries an empty list."""
+    return batch_with(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R("
+                      b"K\x01J" + struct.pack("<i", n) + b"\x85cnumpy\ndtype\nU\x02O8K\x00K\x01\x87R("
+                      b"K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tb\x89](etb")
+
+
+BOMB = 256 << 20  # bytes of zeros behind a tar header that claims them
+
+
 @pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (103, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (103,), generator=g)
-    return x, y
+def zeros_gz():
+    """A gzip member of BOMB zero bytes (1 MB on disk); gzip members concatenate into one stream."""
+    c = zlib.compressobj(1, zlib.DEFLATED, 31)
+    chunk = bytes(1 << 20)
+    return b"".join([c.compress(chunk) for _ in range(BOMB >> 20)] + [c.flush()])
 
 
-def reference(u: torch.Tensor, mean, std=None) -> torch.Tensor:
-    """Normalisation computed independently in float64."""
-    x = u.double() / 255 - mean.double().view(1, -1, 1, 1)
-    return x if std is None else x / std.double().view(1, -1, 1, 1)
+# name -> (data_batch_1 pickle, or a builder of the tar.gz from BOMB zeros, expected message)
+HOSTILE = {
+    "state asks for (10**9,)": (batch_with(ops_of(Claim((10**9,), b"abcd"))),
+                                r"refused a uint8 array of shape \(1000000000,\) \(1000000000 bytes\) before "
+                                r"allocating it"),
+    "state asks for (10000, 10**6)": (batch_with(ops_of(Claim((10000, 10**6), b"abcd"))),
+                                      r"refused a uint8 array of shape \(10000, 1000000\)"),
+    "payload shorter than shape": (batch_with(ops_of(Claim((10000, 3072), b"abcd"))),
+                                   r"payload holds 4 bytes, not the 30720000 bytes that shape needs"),
+    "_reconstruct asks for (10**9,)": (batch_with(ops_of(Claim((1,), b"a", recon=(10**9,)))),
+                                       r"refused numpy's _reconstruct with other arguments"),
+    "numpy.ndarray called": (batch_with(b"cnumpy\nndarray\n(J" + struct.pack("<i", 10**9)
+                                        + b"tcnumpy\ndtype\nU\x02u1K\x00K\x01\x87R\x86R"),
+                             r"calls numpy.ndarray itself"),
+    "bytes8 claims 10**9": (batch_with(b"\x8e" + (10**9).to_bytes(8, "little") + b"abcd", b"\x80\x04"),
+                            r"not a valid pickle \(expected 1000000000 bytes in a bytes8, but only \d+ "),
+    "tar member of 256 MiB": (lambda z: gzip.compress(tar_member(f"{C10}/data_batch_1", b"", size=BOMB)) + z,
+                              rf"member {C10}/data_batch_1 claims {BOMB} bytes"),
+    "pax header of 256 MiB": (lambda z: gzip.compress(tar_member("././@PaxHeader", b"", size=BOMB,
+                                                                 kind=tarfile.XHDTYPE)) + z,
+                              rf"an extended tar header before offset 0 claims {BOMB} bytes"),
+    # last: they touch memory when let through (ru_maxrss is a high-water mark, so it would hide later cases)
+    "hex bomb": (hex_bomb(28), r"refused _codecs.encode other than str -> latin-1"),
+    "memo slot 2**26": (batch_with(b"Nr" + struct.pack("<I", 2**26)), r"asks for memo slot 67108864"),
+    "object array": (object_array(10**8), r"refused the dtype 'O8'"),  # numpy itself crashes on this one
+}
+
+CHILD = r"""
+import json, resource, sys, time, tracemalloc
+from cpl_mini import cifar
+
+def vm_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+
+# Address space: what is mapped now + 1.5 GB, so that a broken guard fails with MemoryError, not the machine.
+resource.setrlimit(resource.RLIMIT_AS, ((vm_kb() + 1_500_000) * 1024, resource.RLIM_INFINITY))
+results = {}
+for root in sys.argv[1:]:
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        cifar.load_cifar(root=root, download=False, cache=False)
+        error = None
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    seconds = time.perf_counter() - t0
+    traced_mb = tracemalloc.get_traced_memory()[1] / 1e6
+    tracemalloc.stop()
+    rss_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1e3
+    results[root] = dict(error=error, seconds=seconds, traced_mb=traced_mb, rss_mb=rss_mb)
+print(json.dumps(results))
+"""
 
 
-def test_eval_loader_in_order(images):
-    x, y = images
-    loader = DeviceLoader(x, y, 25, train=False, std=True)
-    assert len(loader) == 5 and not loader.drop_last and not loader.augment
-    mean = x.double().mean(dim=(0, 2, 3)) / 255
-    std = (x.double() / 255).permute(1, 0, 2, 3).reshape(3, -1).std(dim=1, unbiased=False)
-    assert torch.allclose(loader.mean.flatten().double(), mean, atol=1e-7)
-    assert torch.allclose(loader.std.flatten().double(), std, atol=1e-7)
-    batches = list(loader)
-    assert [b[0].shape[0] for b in batches] == [25, 25, 25, 25, 3]
-    for xb, yb in batches:
-        assert xb.dtype == torch.float32 and yb.dtype == torch.int64
-        assert xb.is_contiguous(memory_format=torch.channels_last)
-    xs = torch.cat([b[0] for b in batches])
-    assert torch.allclose(xs.double(), reference(x, mean, std), atol=1e-5)
-    assert torch.equal(torch.cat([b[1] for b in batches]), y)
+@pytest.fixture(scope="module")
+def hostile_results(tmp_path_factory, zeros_gz):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("measures memory with /proc and resource limits (Linux)")
+    roots = {}
+    for k, (name, (made, _)) in enumerate(HOSTILE.items()):
+        root = tmp_path_factory.mktemp(f"hostile{k}")
+        if callable(made):
+            (root / C10_ARCHIVE).write_bytes(made(zeros_gz))
+        else:
+            only_data_batch_1(root, made, "folder")
+        roots[name] = str(root)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", CHILD, *roots.values()], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=str(REPO))
+    assert proc.returncode == 0, f"the reading process died (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {name: results[root] for name, root in roots.items()}
 
 
-def test_no_std_and_channels_first(images):
-    x, y = images
-    loader = DeviceLoader(x, y, 50, train=False, channels_last=False, mean=[0.5, 0.25, 0.0])
-    assert loader.std is None and loader.lipschitz_factor == 1.0
-    xb, _ = next(iter(loader))
-    assert xb.is_contiguous()
-    assert torch.allclose(xb.double(), reference(x[:50], torch.tensor([0.5, 0.25, 0.0])), atol=1e-6)
-
-
-def test_train_epochs_are_seeded(images):
-    x, y = images
-    def run(epoch, seed=0):
-        loader = DeviceLoader(x, y, 16, train=True, seed=seed)
-        loader.set_epoch(epoch)
-        return list(loader)
-
-    a, b, c, d = run(3), run(3), run(4), run(3, seed=1)
-    assert len(a) == 103 // 16  # drop_last for train
-    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
-    assert not torch.equal(a[0][0], c[0][0]) and not torch.equal(a[0][0], d[0][0])
-    # resuming: a loader iterated through epochs 0..3 gives the same epoch 3 as a fresh one
-    loader = DeviceLoader(x, y, 16, train=True)
-    for _ in range(3):
-        list(loader)
-    assert loader.epoch == 3
-    assert all(torch.equal(p[0], q[0]) for p, q in zip(list(loader), a))
-
-
-def test_permutation_without_augmentation(images):
-    x, y = images
-    loader = DeviceLoader(x, y, 20, train=True, augment=False, drop_last=False, std=True)
-    plan = loader.plan(2)
-    assert torch.equal(torch.sort(plan.order).values, torch.arange(103))
-    loader.set_epoch(2)
-    batches = list(loader)
-    xs, ys = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    assert torch.equal(ys, y[plan.order])
-    assert torch.allclose(xs.double(), reference(x[plan.order], loader.mean, loader.std), atol=1e-5)
-
-
-def test_augmentation_matches_an_independent_crop(images):
-    x, y = images
-    loader = DeviceLoader(x, y, 32, train=True, seed=7)
-    loader.set_epoch(5)
-    batches = list(loader)
-    plan = loader.plan(5)
-    padded = F.pad(x.double(), (4, 4, 4, 4), mode="reflect")  # (N, 3, 40, 40)
-    for p in range(len(batches) * 32):
-        k, dy, dx, flip = (int(t[p]) for t in (plan.order, plan.dy, plan.dx, plan.flip))
-        ref = padded[k, :, dy:dy + 32, dx:dx + 32]
-        if flip:
-            ref = ref.flip(-1)
-        ref = ref / 255 - loader.mean.double()
-        got = batches[p // 32][0][p % 32]
-        assert torch.allclose(got.double(), ref, atol=1e-6), p
-        assert batches[p // 32][1][p % 32] == y[k]
-    # the draws cover what they should
-    zeros = torch.zeros(4000, 3, 8, 8, dtype=torch.uint8)
-    big = DeviceLoader(zeros, torch.zeros(4000, dtype=torch.long), 100, train=True).plan(0)
-    assert set(big.dy.tolist()) == set(range(9)) == set(big.dx.tolist())
-    assert abs(big.flip.float().mean().item() - 0.5) < 0.05
-
-
-def test_flip_and_crop_on_a_known_picture():
-    """A picture whose pixel value is its column: crops shift, flips reverse the column ramp."""
-    cols = torch.arange(32, dtype=torch.uint8).expand(1, 3, 32, 32).repeat(64, 1, 1, 1)
-    loader = DeviceLoader(cols, torch.zeros(64, dtype=torch.long), 64, train=True, mean=[0, 0, 0], seed=3)
-    xb, _ = next(iter(loader))
-    plan = loader.plan(0)
-    v = (xb * 255).round().long()[:, 0, 0, :]  # (64, 32) column values of row 0
-    for p in range(64):
-        dx = int(plan.dx[p])
-        want = [abs(j + dx - 4) if j + dx - 4 < 32 else 62 - (j + dx - 4) for j in range(32)]
-        if plan.flip[p]:
-            want = want[::-1]
-        assert v[p].tolist() == want
-    assert plan.flip.any() and not plan.flip.all()
-
-
-def test_world_size_shards(images):
-    x, y = images
-    one = DeviceLoader(x, y, 24, train=True, seed=2)
-    one.set_epoch(1)
-    glob = list(one)
-    for world in (2, 4):
-        shards = []
-        for rank in range(world):
-            loader = DeviceLoader(x, y, 24, train=True, seed=2, rank=rank, world_size=world)
-            loader.set_epoch(1)
-            shards.append(list(loader))
-            assert len(loader) == len(one)
-            assert all(b[0].shape[0] == 24 // world for b in shards[-1])
-        for b, (gx, gy) in enumerate(glob):
-            assert torch.equal(torch.cat([s[b][0] for s in shards]), gx)
-            assert torch.equal(torch.cat([s[b][1] for s in shards]), gy)
-    # eval with a final partial batch: shards still cover every row once, in order
-    parts = [list(DeviceLoader(x, y, 40, train=False, rank=r, world_size=2)) for r in range(2)]
-    ys = torch.cat([torch.cat([parts[r][b][1] for r in range(2)]) for b in range(3)])
-    assert torch.equal(ys, y)
-    with pytest.raises(ValueError, match="divisible"):
-        DeviceLoader(x, y, 25, train=True, world_size=2)
-
-
-def test_lipschitz_factor(images):
-    x, y = images
-    loader = DeviceLoader(x, y, 10, train=False, std=[0.5, 0.2, 0.25])
-    assert loader.lipschitz_factor == pytest.approx(5.0)
-    # the map u -> (u - mean) / std has l2 Lipschitz constant 1 / min(std), attained in channel 1
-    std = loader.std.double()
-    f = lambda u: (u - loader.mean.double()) / std
-    g = torch.Generator().manual_seed(0)
-    a = torch.rand(50, 3, 32, 32, generator=g, dtype=torch.float64)
-    b = torch.rand(50, 3, 32, 32, generator=g, dtype=torch.float64)
-    ratio = (f(a) - f(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
-    assert (ratio <= loader.lipschitz_factor + 1e-9).all()
-    d = torch.zeros(3, 32, 32, dtype=torch.float64)
-    d[1, 4, 4] = 0.1
-    assert (f(a[0] + d) - f(a[0])).norm() / d.norm() == pytest.approx(loader.lipschitz_factor)
-
-
-def test_limit_and_bad_input(images):
-    x, y = images
-    loader = DeviceLoader(x, y, 10, train=False, limit=30)
-    assert loader.num_examples == 30 and len(loader) == 3
-    assert torch.allclose(loader.mean.flatten().double(), x.double().mean(dim=(0, 2, 3)) / 255, atol=1e-7)
-    with pytest.raises(ValueError, match="uint8"):
-        DeviceLoader(x.float() / 255, y, 10, train=False)
-    with pytest.raises(ValueError, match="drop_last"):
-        DeviceLoader(x, y, 200, train=True)
-
-
-def test_cifar_loaders_share_train_statistics(tmp_path, syn):
-    write_folder(tmp_path, C10, syn.files)
-    data = load_cifar(root=tmp_path, download=False)
-    train, test = cifar_loaders(data, batch_size=8, std=True, test_batch_size=4)
-    assert train.train and train.augment and not test.train and not test.augment
-    assert torch.equal(test.mean, train.mean) and torch.equal(test.std, train.std)
-    assert test.lipschitz_factor == train.lipschitz_factor == pytest.approx(1 / train.std.min().item())
-    xs = torch.cat([b[0] for b in test])
-    assert torch.allclose(xs.double(), reference(torch.from_numpy(syn.test_x), train.mean, train.std),
-                          atol=1e-5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu(images):
-    x, y = images
-    cpu = DeviceLoader(x, y, 16, train=True, seed=4, std=True)
-    gpu = DeviceLoader(x, y, 16, train=True, seed=4, std=True, device="cuda")
-    for (a, ya), (b, yb) in zip(cpu, gpu):
-        assert b.device.type == "cuda" and yb.device.type == "cuda"
-        assert torch.allclose(a, b.cpu(), atol=1e-6) and torch.equal(ya, yb.cpu())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Toy 2-D sets
-# ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [make_moons, make_circles, make_spirals])
-@pytest.mark.parametrize("n", [200, 201])
-def test_toy_shapes_balance_seed(make, n):
-    X, y = make(n, seed=1)
-    assert X.shape == (n, 2) and X.dtype == torch.float32 and y.shape == (n,) and y.dtype == torch.int64
-    counts = torch.bincount(y, minlength=2)
-    assert counts.sum() == n and abs(int(counts[0]) - int(counts[1])) <= 1
-    X2, y2 = make(n, seed=1)
-    assert torch.equal(X, X2) and torch.equal(y, y2)
-    assert not torch.equal(X, make(n, seed=2)[0])
-
-
-def test_toy_curves_without_noise():
-    X, y = make_moons(100, noise=0.0)
-    X = X.double()
-    a, b = X[y == 0], X[y == 1]
-    one = torch.ones(50, dtype=torch.float64)
-    assert torch.allclose(a.norm(dim=1), one, atol=1e-6) and (a[:, 1] >= -1e-6).all()
-    c = b - torch.tensor([1.0, 0.5], dtype=torch.float64)
-    assert torch.allclose(c.norm(dim=1), one, atol=1e-6) and (c[:, 1] <= 1e-6).all()
-
-    X, y = make_circles(100, noise=0.0, factor=0.3)
-    r = X.double().norm(dim=1)
-    assert torch.allclose(r[y == 0], torch.ones(50, dtype=torch.float64), atol=1e-6)
-    assert torch.allclose(r[y == 1], torch.full((50,), 0.3, dtype=torch.float64), atol=1e-6)
-
-    turns = 1.5
-    X, y = make_spirals(100, noise=0.0, turns=turns)
-    X = X.double()
-    X = torch.where((y == 1)[:, None], -X, X)  # class 1 is class 0 turned by pi
-    r = X.norm(dim=1)
-    theta = 2 * np.pi * turns * r
-    assert torch.allclose(X, torch.stack([r * theta.cos(), r * theta.sin()], 1), atol=1e-5)
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_file_is_refused_with_bounded_memory(hostile_results, case):
+    """Refused with a CorruptArchiveError naming the file (and member) and what it asked for; < 300 MB
+    allocated (tracemalloc: Python and numpy) and resident (ru_maxrss); quickly."""
+    r = hostile_results[case]
+    error = r["error"] or "accepted"
+    assert error.startswith("CorruptArchiveError: "), error
+    assert f"{C10}/data_batch_1: " in error or f"{C10_ARCHIVE} cannot be read as CIFAR-10 (member" in error \
+        or f"{C10_ARCHIVE} cannot be read as CIFAR-10 (an extended tar header" in error, error
+    assert re.search(HOSTILE[case][1], error), error
+    assert r["traced_mb"] < 300 and r["rss_mb"] < 300, r
+    assert r["seconds"] < 10, r
