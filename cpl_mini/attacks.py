@@ -4,7 +4,8 @@ A certificate says that no input within l2 radius ``r(x)`` of ``x`` changes the 
 gives the other side: an input ``x'`` that *does* change it, at distance ``||x' - x||`` from ``x``. For a
 sound certificate
 
-.. math::  r(x) \;\le\; d^\star(x) = \min \{ \|x' - x\|_2 : x' \text{ misclassified} \} \;\le\; \|x'_{\mathrm{PGD}} - x\|_2 ,
+.. math::  r(x) \;\le\; d^\star(x) = \min \{ \|x' - x\|_2 : x' \text{ misclassified} \}
+           \;\le\; \|x'_{\mathrm{PGD}} - x\|_2 ,
 
 so the attack's distances are **upper** bounds of the distance to the nearest adversarial example and
 the certified radii are **lower** bounds of it; the gap between the two is what the book plots.
@@ -35,10 +36,16 @@ restores its train/eval state; gradients are taken with respect to the input onl
 """
 import contextlib
 import math
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .precision import has_float64, ieee_precision
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+Radius = Union[float, torch.Tensor]
 
 __all__ = ["margin", "pgd_l2", "minimal_adversarial_l2"]
 
@@ -48,7 +55,7 @@ _LOSSES = ("margin", "ce")
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def margin(logits, y, targeted=False):
+def margin(logits: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> torch.Tensor:
     r"""The attack's objective per example, shape ``(N,)``; the attack succeeds where it is ``<= 0``.
 
     Untargeted: ``m = f_y - max_{j != y} f_j`` (``y`` the true label). Targeted: ``m = max_{j != t} f_j
@@ -80,7 +87,8 @@ def _per_example(value, n, like, name):
         raise ValueError(f"{name} must be a number or a tensor of shape ({n},) (one value per example), "
                          f"got shape {tuple(t.shape)}")
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-        raise ValueError(f"{name} must be finite and >= 0, got values in [{t.min().item()}, {t.max().item()}]")
+        raise ValueError(f"{name} must be finite and >= 0, got values in "
+                         f"[{t.min().item()}, {t.max().item()}]")
     return t.clone()
 
 
@@ -137,7 +145,8 @@ def _project(x, z, eps, lo, hi):
 
 @contextlib.contextmanager
 def _attack_mode(model, device):
-    """Evaluation mode and no autocast inside; the model's train/eval state restored on exit."""
+    """Evaluation mode, no autocast and IEEE float32 (no TF32) inside; the model's train/eval state
+    restored on exit."""
     was_training = model.training if isinstance(model, nn.Module) else None
     if was_training:
         model.eval()
@@ -146,7 +155,7 @@ def _attack_mode(model, device):
             no_autocast = torch.autocast(device.type, enabled=False)
         except RuntimeError:  # a device type autocast does not know
             no_autocast = contextlib.nullcontext()
-        with torch.enable_grad(), no_autocast:
+        with torch.enable_grad(), no_autocast, ieee_precision():
             yield
     finally:
         if was_training:
@@ -178,7 +187,8 @@ def _objective(logits, y, m, loss, targeted, target=None):
     return ce if targeted else -ce
 
 
-def _pgd_run(model, x, y, eps, alpha, steps, start, generator, targeted, loss, lo, hi, stop_early, target=None):
+def _pgd_run(model, x, y, eps, alpha, steps, start, generator, targeted, loss, lo, hi, stop_early,
+             target=None):
     """One PGD run; returns the iterate of lowest margin per example and that margin."""
     z = _project(x, _random_in_ball(x, eps, generator), eps, lo, hi) if start == "random" else x.clone()
     best_z, best_m = z.clone(), torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
@@ -250,8 +260,10 @@ def _check_common(steps, restarts, loss, n_targets=0, targeted=False):
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
-def pgd_l2(model, x, y, eps, steps=50, step_size=None, restarts=1, seed=0, targeted=False, loss="margin",
-           lower=None, upper=None, n_targets=0):
+def pgd_l2(model: Model, x: torch.Tensor, y: torch.Tensor, eps: Radius, steps: int = 50,
+           step_size: Optional[Radius] = None, restarts: int = 1, seed: int = 0, targeted: bool = False,
+           loss: str = "margin", lower=None, upper=None,
+           n_targets: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""Projected gradient descent on the margin inside the l2 ball ``B(x, eps)`` (Madry et al., 2018).
 
     Each run iterates ``x'_{k+1} = Pi(x'_k - alpha g_k / ||g_k||)`` for ``steps`` steps, with ``g_k`` the
@@ -291,8 +303,8 @@ def pgd_l2(model, x, y, eps, steps=50, step_size=None, restarts=1, seed=0, targe
     eps = _per_example(eps, x.shape[0], x, "eps")
     generator = torch.Generator().manual_seed(int(seed))
     with _attack_mode(model, x.device):
-        x_adv, m = _pgd(model, x, y, eps, int(steps), step_size, int(restarts), generator, targeted, loss, lo, hi,
-                        n_targets=int(n_targets))
+        x_adv, m = _pgd(model, x, y, eps, int(steps), step_size, int(restarts), generator, targeted, loss,
+                        lo, hi, n_targets=int(n_targets))
     return x_adv.detach(), m <= 0
 
 
@@ -315,9 +327,75 @@ def _shrink_along_ray(model, x, x_adv, y, targeted, iters):
     return torch.where(_view(hi_t < 1, delta), shrunk, x_adv)  # x_adv itself where no shorter point was found
 
 
-def minimal_adversarial_l2(model, x, y, steps=50, restarts=1, search_steps=10, eps_init=1.0, eps_max=None,
-                           max_doublings=10, seed=0, targeted=False, loss="margin", lower=None, upper=None,
-                           shrink_steps=10, batch_size=None, n_targets=0):
+class _MinimalSearch:
+    """The state of :func:`minimal_adversarial_l2` on one batch: best witnesses and radius brackets."""
+
+    def __init__(self, model, x, y, boxes, settings, generator):
+        self.model, self.x, self.y = model, x, y
+        self.lo_box, self.hi_box = boxes
+        self.steps, self.restarts, self.targeted, self.loss, self.shrink_steps, self.n_targets = settings
+        self.generator = generator
+        n = x.shape[0]
+        self.ddt = torch.float64 if has_float64(x.device) else torch.float32
+        self.dist = torch.full((n,), math.inf, dtype=self.ddt, device=x.device)
+        self.x_adv = x.clone()
+        self.lo = torch.zeros(n, dtype=x.dtype, device=x.device)
+        self.hi = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
+        self.clean = None
+
+    def attack(self, idx, eps):
+        """PGD at radius ``eps`` on the examples ``idx``; records the (shrunk) witnesses; returns success."""
+        x = self.x
+        z, m = _pgd(self.model, x[idx], self.y[idx], eps, self.steps, None, self.restarts, self.generator,
+                    self.targeted, self.loss, None if self.lo_box is None else _sub(self.lo_box, idx, x),
+                    None if self.hi_box is None else _sub(self.hi_box, idx, x), stop_early=True,
+                    n_targets=self.n_targets)
+        ok = m <= 0
+        if bool(ok.any()):
+            j = idx[ok]
+            w = z[ok]
+            if self.shrink_steps:
+                w = _shrink_along_ray(self.model, x[j], w, self.y[j], self.targeted, self.shrink_steps)
+            d = _flat_norm((w - x[j]).to(self.ddt))
+            closer = d < self.dist[j]
+            self.dist[j] = torch.where(closer, d, self.dist[j])
+            self.x_adv[j] = torch.where(_view(closer, w), w, self.x_adv[j])
+            self.hi[j] = torch.minimum(torch.minimum(self.hi[j], eps[ok]), self.dist[j].to(x.dtype))
+        return ok
+
+    def bracket(self, eps_init, eps_max, max_doublings):
+        """Examples misclassified already get distance 0; the others: double eps until PGD succeeds."""
+        with torch.no_grad():
+            self.clean = margin(_logits(self.model, self.x), self.y, self.targeted) <= 0
+        self.dist[self.clean] = 0.0
+        self.hi[self.clean] = 0.0
+        todo = (~self.clean).nonzero().squeeze(1)
+        eps = torch.clamp(eps_init[todo], max=eps_max)
+        for _ in range(max_doublings + 1):
+            if todo.numel() == 0:
+                break
+            ok = self.attack(todo, eps)
+            self.lo[todo[~ok]] = eps[~ok]
+            keep = ~ok & ~(eps >= eps_max)
+            todo, eps = todo[keep], torch.clamp(2 * eps[keep], max=eps_max)
+
+    def bisect(self, search_steps):
+        """Bisection inside ``[lo, hi]`` for the examples with a witness."""
+        for _ in range(search_steps):
+            idx = (torch.isfinite(self.hi) & ~self.clean & (self.hi > self.lo)).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            mid = (self.lo[idx] + self.hi[idx]) / 2
+            ok = self.attack(idx, mid)
+            self.lo[idx[~ok]] = mid[~ok]
+
+
+def minimal_adversarial_l2(model: Model, x: torch.Tensor, y: torch.Tensor, steps: int = 50,
+                           restarts: int = 1, search_steps: int = 10, eps_init: Radius = 1.0,
+                           eps_max: Optional[float] = None, max_doublings: int = 10, seed: int = 0,
+                           targeted: bool = False, loss: str = "margin", lower=None, upper=None,
+                           shrink_steps: int = 10, batch_size: Optional[int] = None,
+                           n_targets: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""The smallest l2 perturbation PGD finds per example: an **upper** bound of the distance to the
     nearest adversarial example ``d*(x)``, with the perturbed input as a witness.
 
@@ -332,7 +410,8 @@ def minimal_adversarial_l2(model, x, y, steps=50, restarts=1, search_steps=10, e
 
     Args:
         model, x, y, steps, restarts, targeted, loss, lower, upper, n_targets: as in :func:`pgd_l2`.
-        search_steps: bisection steps after the bracket is found (the bracket shrinks by ``2^search_steps``).
+        search_steps: bisection steps after the bracket is found (the bracket shrinks by
+            ``2^search_steps``).
         eps_init: first radius tried (number or ``(N,)``; a scale where PGD should succeed helps).
         eps_max: largest radius tried (default: no limit besides ``max_doublings``).
         max_doublings: how often a failed radius is doubled before giving up.
@@ -348,7 +427,8 @@ def minimal_adversarial_l2(model, x, y, steps=50, restarts=1, search_steps=10, e
         that margin can be within rounding of 0.
     """
     _check_common(steps, restarts, loss, n_targets, targeted)
-    for name, v in (("search_steps", search_steps), ("max_doublings", max_doublings), ("shrink_steps", shrink_steps)):
+    for name, v in (("search_steps", search_steps), ("max_doublings", max_doublings),
+                    ("shrink_steps", shrink_steps)):
         if int(v) != v or v < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
     x, y, lo_box, hi_box = _prepare(model, x, y, lower, upper)
@@ -362,61 +442,17 @@ def minimal_adversarial_l2(model, x, y, steps=50, restarts=1, search_steps=10, e
         for i, start in enumerate(range(0, n, int(batch_size))):
             sl = slice(start, start + int(batch_size))
             d, a = minimal_adversarial_l2(
-                model, x[sl], y[sl], steps, restarts, search_steps, eps_init[sl], eps_max if math.isfinite(eps_max)
-                else None, max_doublings, seed + 100003 * i, targeted, loss,
-                None if lo_box is None else _sub(lo_box, sl, x), None if hi_box is None else _sub(hi_box, sl, x),
-                shrink_steps, None, n_targets)
+                model, x[sl], y[sl], steps, restarts, search_steps, eps_init[sl],
+                eps_max if math.isfinite(eps_max) else None, max_doublings, seed + 100003 * i, targeted, loss,
+                None if lo_box is None else _sub(lo_box, sl, x),
+                None if hi_box is None else _sub(hi_box, sl, x), shrink_steps, None, n_targets)
             dists.append(d)
             advs.append(a)
         return torch.cat(dists), torch.cat(advs)
 
-    generator = torch.Generator().manual_seed(int(seed))
-    ddt = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
-    dist = torch.full((n,), math.inf, dtype=ddt, device=x.device)
-    x_adv = x.clone()
-    lo = torch.zeros(n, dtype=x.dtype, device=x.device)
-    hi = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
-
-    def attack(idx, eps):
-        """PGD at radius ``eps`` on the examples ``idx``; records the (shrunk) witnesses; returns success."""
-        z, m = _pgd(model, x[idx], y[idx], eps, int(steps), None, int(restarts), generator, targeted, loss,
-                    None if lo_box is None else _sub(lo_box, idx, x), None if hi_box is None else _sub(hi_box, idx, x),
-                    stop_early=True, n_targets=int(n_targets))
-        ok = m <= 0
-        if bool(ok.any()):
-            j = idx[ok]
-            w = z[ok]
-            if shrink_steps:
-                w = _shrink_along_ray(model, x[j], w, y[j], targeted, int(shrink_steps))
-            d = _flat_norm((w - x[j]).to(ddt))
-            closer = d < dist[j]
-            dist[j] = torch.where(closer, d, dist[j])
-            x_adv[j] = torch.where(_view(closer, w), w, x_adv[j])
-            hi[j] = torch.minimum(torch.minimum(hi[j], eps[ok]), dist[j].to(x.dtype))
-        return ok
-
+    settings = (int(steps), int(restarts), targeted, loss, int(shrink_steps), int(n_targets))
+    search = _MinimalSearch(model, x, y, (lo_box, hi_box), settings, torch.Generator().manual_seed(int(seed)))
     with _attack_mode(model, x.device):
-        with torch.no_grad():
-            clean = margin(_logits(model, x), y, targeted) <= 0
-        dist[clean] = 0.0
-        hi[clean] = 0.0
-        # 1. bracket: double eps until PGD succeeds
-        todo = (~clean).nonzero().squeeze(1)
-        eps = torch.clamp(eps_init[todo], max=eps_max)
-        for _ in range(int(max_doublings) + 1):
-            if todo.numel() == 0:
-                break
-            ok = attack(todo, eps)
-            lo[todo[~ok]] = eps[~ok]
-            at_max = eps >= eps_max
-            keep = ~ok & ~at_max
-            todo, eps = todo[keep], torch.clamp(2 * eps[keep], max=eps_max)
-        # 2. bisection inside [lo, hi] for the examples with a witness
-        for _ in range(int(search_steps)):
-            idx = (torch.isfinite(hi) & ~clean & (hi > lo)).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            mid = (lo[idx] + hi[idx]) / 2
-            ok = attack(idx, mid)
-            lo[idx[~ok]] = mid[~ok]
-    return dist, x_adv.detach()
+        search.bracket(eps_init, eps_max, int(max_doublings))
+        search.bisect(int(search_steps))
+    return search.dist, search.x_adv.detach()

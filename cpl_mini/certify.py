@@ -7,8 +7,13 @@ prediction ``y`` cannot change within the l2 radius
 
 (Tsuzuku et al., 2018): ``f_y - f_j = <e_y - e_j, f>`` is ``sqrt(2) L``-Lipschitz. With a row-normalised
 head the tighter pairwise radius is ``min_{j != y} (f_y - f_j) / (L_body * ||v_y - v_j||)``.
-Certificates here use the *sound* evaluation-mode norms (guaranteed upper bounds) and float32 or
-better, so every radius is a proven lower bound of the distance to the nearest adversarial example.
+
+Every radius here is a proven lower bound of that formula for the logits given: the margins are
+formed in float64 and rounded *down* (exact for float32 logits), the denominators rounded *up*, each
+quotient rounded down, and the result rounded down to the logits' precision (float64 logits give
+float64 radii; float32 or lower give float32). Certification uses the *sound* evaluation-mode norms
+(guaranteed upper bounds), never autocast, and IEEE float32 (TF32 off,
+:func:`~cpl_mini.precision.ieee_precision`).
 """
 import argparse
 import json
@@ -16,11 +21,24 @@ import math
 import pathlib
 import sys
 import time
+from fractions import Fraction
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .layers import RowNormalizedLinear, lipschitz_upper_bound
+from .bounds import lipschitz_upper_bound
+from .layers import RowNormalizedLinear
+from .precision import (
+    as_float64,
+    cast_down,
+    float_down,
+    float_up,
+    ieee_precision,
+    next_down,
+    next_up,
+    sub_down,
+)
 
 __all__ = ["DEFAULT_EPS", "certified_radius", "certified_radius_pairwise", "certified_accuracy",
            "network_lipschitz", "main"]
@@ -28,132 +46,232 @@ __all__ = ["DEFAULT_EPS", "certified_radius", "certified_radius_pairwise", "cert
 #: The radii reported in the literature on CIFAR-10: 36/255, 72/255, 108/255.
 DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
 
-
-def _margin(logits, labels):
-    true = logits.gather(1, labels[:, None]).squeeze(1)
-    other = logits.clone()
-    other.scatter_(1, labels[:, None], float("-inf"))
-    return true - other.max(dim=1).values
+#: Floats just above and just below sqrt(2).
+SQRT2_UP = math.sqrt(2) if Fraction(math.sqrt(2)) ** 2 > 2 else math.nextafter(math.sqrt(2), 3)
+SQRT2_DOWN = math.nextafter(SQRT2_UP, 0)
 
 
-def certified_radius(logits, labels, lipschitz=1.0):
+def _check(logits, labels):
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (N, K) and labels (N,), got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+
+
+def _lipschitz_value(lipschitz) -> float:
+    value = float(lipschitz)
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"lipschitz must be a positive finite number, got {value}")
+    return value
+
+
+def _radius_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _divide_down(num, den):
+    r"""``num / den`` rounded toward ``-inf``; ``den`` a ``(lower, upper)`` pair bracketing the exact
+    denominator (numbers or tensors). ``0 / den`` is exactly 0."""
+    den_down, den_up = den
+    q = torch.where(num >= 0, num / den_up, num / den_down)
+    return torch.where(num == 0, torch.zeros_like(q), next_down(q))
+
+
+def _margin_down(z, labels):
+    """``f_y - max_{j != y} f_j`` of float64 logits ``z``, rounded down; shape ``(N,)``."""
+    true = z.gather(1, labels[:, None]).squeeze(1)
+    other = z.scatter(1, labels[:, None], -math.inf).max(dim=1).values
+    return sub_down(true, other)
+
+
+def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: float = 1.0) -> torch.Tensor:
     """Per-example certified l2 radius ``(f_y - max_{j!=y} f_j) / (sqrt(2) L)``, shape ``(N,)``.
 
-    ``logits``: ``(N, K)``; ``labels``: ``(N,)``. A radius ``<= 0`` means the example is misclassified
+    ``logits``: ``(N, K)``; ``labels``: ``(N,)``; ``lipschitz``: a guaranteed bound ``L`` of the
+    network's constant. Each radius is the formula's exact value rounded *down* (module docstring),
+    in float64 for float64 logits, else float32. A radius ``<= 0`` means the example is misclassified
     (or tied) and certifies nothing.
     """
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    return _margin(logits.float(), labels) / (math.sqrt(2.0) * lipschitz)
+    _check(logits, labels)
+    lip = Fraction(_lipschitz_value(lipschitz))
+    z = as_float64(logits)
+    margin = _margin_down(z, labels.to(z.device))
+    den = (float_down(Fraction(SQRT2_DOWN) * lip), float_up(Fraction(SQRT2_UP) * lip))
+    return cast_down(_divide_down(margin, den), _radius_dtype(logits.dtype)).to(logits.device)
 
 
-def certified_radius_pairwise(logits, labels, pairwise_lipschitz, lipschitz=1.0):
+def certified_radius_pairwise(logits: torch.Tensor, labels: torch.Tensor, pairwise_lipschitz: torch.Tensor,
+                              lipschitz: float = 1.0) -> torch.Tensor:
     """Per-example radius ``min_{j != y} (f_y - f_j) / (L * K_{yj})`` for a head with pairwise constants.
 
-    ``pairwise_lipschitz``: ``(K, K)`` matrix with ``K_{yj}`` the Lipschitz constant of ``f_y - f_j``
-    with respect to the head's input (e.g. :meth:`RowNormalizedLinear.pairwise_lipschitz`).
+    ``pairwise_lipschitz``: ``(K, K)`` matrix with ``K_{yj}`` a guaranteed bound of the Lipschitz
+    constant of ``f_y - f_j`` with respect to the head's input (e.g.
+    :meth:`RowNormalizedLinear.pairwise_lipschitz`); ``lipschitz``: the bound ``L`` of the body (the
+    network before the head). Rounded down as :func:`certified_radius`, same dtypes. Where
+    ``K_{yj} = 0`` the difference is constant: it never changes sign (radius ``inf`` if positive).
     """
-    logits = logits.double()
-    k = pairwise_lipschitz.to(logits.device, torch.float64)
-    diff = logits.gather(1, labels[:, None]) - logits  # (N, K): f_y - f_j
-    scale = k[labels] * lipschitz  # (N, K)
-    ratio = diff / scale.clamp_min(1e-300)
-    ratio.scatter_(1, labels[:, None], float("inf"))
-    return ratio.min(dim=1).values.float()
+    _check(logits, labels)
+    lip = _lipschitz_value(lipschitz)
+    z = as_float64(logits)
+    labels = labels.to(z.device)
+    k = pairwise_lipschitz.detach().to(device=z.device, dtype=torch.float64)
+    if k.shape != (z.shape[1], z.shape[1]):
+        raise ValueError(f"pairwise_lipschitz must have shape ({z.shape[1]}, {z.shape[1]}), "
+                         f"got {tuple(k.shape)}")
+    diff = sub_down(z.gather(1, labels[:, None]).expand_as(z), z)  # (N, K): f_y - f_j, rounded down
+    scale = k[labels] * lip  # (N, K)
+    ratio = _divide_down(diff, (torch.where(scale > 0, next_down(scale), scale), next_up(scale)))
+    ratio = ratio.scatter(1, labels[:, None], math.inf)
+    return cast_down(ratio.min(dim=1).values, _radius_dtype(logits.dtype)).to(logits.device)
 
 
-def network_lipschitz(model, input_lipschitz=1.0):
+def network_lipschitz(model: nn.Module, input_lipschitz: float = 1.0) -> Tuple[float, Optional[torch.Tensor]]:
     """``(L, pairwise)``: a guaranteed bound of the network's l2 Lipschitz constant and, for a
-    row-normalised head, the pairwise matrix of its logit differences (else ``None``).
+    row-normalised head, the pairwise matrix of its logit differences (else ``None``; then ``L`` is the
+    bound of the body, the network without its head).
 
-    ``input_lipschitz`` is the constant of the input normalisation (1/min(std) when dividing by std).
+    ``input_lipschitz`` is the constant of an input normalisation outside the model (``1/min(std)``
+    when dividing by std). The model must be in evaluation mode (``ValueError`` otherwise).
     """
-    if isinstance(model, nn.Sequential) and isinstance(model[-1], RowNormalizedLinear):
-        body = lipschitz_upper_bound(model[:-1]) * input_lipschitz
-        return body, model[-1].pairwise_lipschitz()
-    return lipschitz_upper_bound(model) * input_lipschitz, None
+    with ieee_precision():
+        if isinstance(model, nn.Sequential) and isinstance(model[-1], RowNormalizedLinear):
+            body, pairwise = lipschitz_upper_bound(model[:-1]), model[-1].pairwise_lipschitz()
+        else:
+            body, pairwise = lipschitz_upper_bound(model), None
+    return float_up(Fraction(body) * Fraction(float(input_lipschitz))), pairwise
 
 
-def _batches(data, batch_size, device):
+def _batches(data, batch_size, device, dtype):
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         x_all, y_all = data
         for i in range(0, len(x_all), batch_size):
-            yield x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
+            yield x_all[i:i + batch_size].to(device, dtype), y_all[i:i + batch_size].to(device)
     else:
         for x, y in data:
-            yield x.to(device), y.to(device)
+            yield x.to(device, dtype), y.to(device)
+
+
+def _model_dtype_device(model, device):
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    low = sorted({str(p.dtype) for p in params if p.dtype not in (torch.float32, torch.float64)})
+    if low:
+        raise ValueError(f"certified_accuracy certifies in float32 or float64, but the model has "
+                         f"{', '.join(low)} parameters; certify a float32 copy "
+                         "(copy.deepcopy(model).float()): the network certified is then that copy")
+    dtype = torch.float64 if params and all(p.dtype == torch.float64 for p in params) else torch.float32
+    if device is None:
+        device = params[0].device if params else torch.device("cpu")
+    return dtype, torch.device(device)
+
+
+def _eps_tuple(eps):
+    single = isinstance(eps, (int, float)) or (torch.is_tensor(eps) and eps.dim() == 0)
+    values = tuple(float(e) for e in ((eps,) if single else eps))
+    if any(not e >= 0 for e in values):
+        raise ValueError(f"eps must be radii >= 0, got {values}")
+    return values
 
 
 @torch.no_grad()
-def certified_accuracy(model, data, eps=DEFAULT_EPS, input_lipschitz=None, batch_size=500, device=None):
+def certified_accuracy(model: nn.Module, data: Any, eps: Union[float, Iterable[float]] = DEFAULT_EPS,
+                       input_lipschitz: Optional[float] = None, batch_size: int = 500,
+                       device: Union[str, torch.device, None] = None) -> Dict[str, Any]:
     """Clean accuracy, certified accuracy at each ``eps`` and all radii, with sound bounds.
 
     Args:
-        model: a network in the package's pieces (``lipschitz_upper_bound`` must know it).
+        model: a network in the package's pieces (``lipschitz_upper_bound`` must know it), with float32
+            or float64 parameters (lower precisions are refused: certify a float32 copy).
         data: an iterable of ``(x, y)`` batches (e.g. :class:`cpl_mini.data.DeviceLoader`) or a
             pair of tensors ``(inputs, labels)``; inputs already normalised as the model expects.
-        eps: l2 radii in the input's pixel scale ([0, 1] images).
+        eps: one l2 radius or several, in the input's pixel scale ([0, 1] images).
         input_lipschitz: Lipschitz constant of the normalisation from pixels to the model's input;
             default: ``data.lipschitz_factor`` when the loader has it, else 1.
     Returns:
-        dict with ``accuracy``, ``certified`` (``{eps: fraction}``), ``radii`` (``(N,)`` tensor, cpu;
-        ``<= 0`` for misclassified examples), ``lipschitz`` (the bound used), ``n``.
-    The forward pass runs in evaluation mode, float32 (never autocast).
+        dict with ``accuracy`` (``argmax == label``), ``certified`` (``{eps: fraction}``: correct with
+        radius ``> eps``), ``radii`` (``(N,)`` tensor on the CPU, float32, float64 for a float64
+        model; ``<= 0`` for misclassified or tied examples), ``lipschitz`` (the bound used), ``n``.
+
+    The forward pass runs in evaluation mode (the model's mode is restored afterwards), in the
+    parameters' dtype, without autocast and with TF32 off.
+
+    Examples:
+        >>> import torch, torch.nn as nn
+        >>> from cpl_mini import ConvexPotentialLinear, FirstCoordinates, certified_accuracy
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(ConvexPotentialLinear(4), FirstCoordinates(2)).eval()
+        >>> x = torch.randn(100, 4)
+        >>> y = net(x).argmax(1)  # labels the network gets right
+        >>> res = certified_accuracy(net, (x, y), eps=0.01)
+        >>> res["accuracy"], res["lipschitz"], res["n"]
+        (1.0, 1.0, 100)
+        >>> res["certified"][0.01] == (res["radii"] > 0.01).float().mean().item()
+        True
     """
+    eps = _eps_tuple(eps)
     if input_lipschitz is None:
         input_lipschitz = float(getattr(data, "lipschitz_factor", 1.0))
+    dtype, device = _model_dtype_device(model, device)
     was_training = model.training
     model.eval()
-    if device is None:
-        device = next(model.parameters()).device
-    lip, pairwise = network_lipschitz(model, input_lipschitz)
-    radii = []
+    radii, correct = [], []
     try:
-        with torch.autocast(device.type, enabled=False):
-            for x, y in _batches(data, batch_size, device):
-                logits = model(x.float()).float()
+        lip, pairwise = network_lipschitz(model, input_lipschitz)
+        with torch.autocast(device.type, enabled=False), ieee_precision():
+            for x, y in _batches(data, batch_size, device, dtype):
+                logits = model(x)
                 if pairwise is None:
                     r = certified_radius(logits, y, lip)
                 else:
                     r = certified_radius_pairwise(logits, y, pairwise, lip)
                 radii.append(r.cpu())
+                correct.append((logits.argmax(1) == y).cpu())
     finally:
         model.train(was_training)
-    radii = torch.cat(radii) if radii else torch.zeros(0)
+    radii = torch.cat(radii) if radii else torch.zeros(0, dtype=_radius_dtype(dtype))
+    correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
     n = radii.numel()
-    correct = radii > 0
+    exact = radii.double()  # compare with eps exactly: radii are rounded down, eps is a float64 number
     return {
-        "accuracy": correct.float().mean().item() if n else float("nan"),
-        "certified": {float(e): (radii > e).float().mean().item() if n else float("nan") for e in eps},
+        "accuracy": correct.double().mean().item() if n else float("nan"),
+        "certified": {e: ((exact > e) & correct).double().mean().item() if n else float("nan") for e in eps},
         "radii": radii,
         "lipschitz": lip,
         "n": n,
     }
 
 
-def format_table(result):
+def format_table(result: Dict[str, Any]) -> str:
     """A small text table of a :func:`certified_accuracy` result."""
-    lines = [f"{'eps':>10} | {'certified accuracy':>18}", "-" * 32, f"{'clean':>10} | {100 * result['accuracy']:17.2f}%"]
+    lines = [f"{'eps':>10} | {'certified accuracy':>18}", "-" * 32,
+             f"{'clean':>10} | {100 * result['accuracy']:17.2f}%"]
     for e, acc in result["certified"].items():
         lines.append(f"{round(e * 255):>6}/255 | {100 * acc:17.2f}%")
     return "\n".join(lines)
 
 
-def main(argv=None):
-    """``python -m cpl_mini.certify RUN_DIR``: certify the test set with a run's checkpoint."""
-    from .train import load_run_model  # late import: train imports this module
+def _load_run_model():
+    try:
+        from .runs import load_run_model  # late import: the run machinery imports this module
+    except ImportError:
+        from .train import load_run_model
+    return load_run_model
 
+
+def main(argv=None) -> int:
+    """``python -m cpl_mini.certify RUN_DIR``: certify the test set with a run's checkpoint."""
     parser = argparse.ArgumentParser(prog="python -m cpl_mini.certify",
                                      description="Certified l2 accuracy of a trained run (sound bounds).")
     parser.add_argument("run_dir", type=pathlib.Path, help="a folder written by python -m cpl_mini.train")
-    parser.add_argument("--data-root", default=None, help="CIFAR folder (default: $CPL_MINI_DATA or the cache)")
+    parser.add_argument("--data-root", default=None,
+                        help="CIFAR folder (default: $CPL_MINI_DATA or the cache)")
     parser.add_argument("--limit-test", type=int, default=None, help="certify only the first N test images")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     start = time.time()
-    model, test_loader, cfg = load_run_model(args.run_dir, data_root=args.data_root, device=args.device,
-                                             limit_test=args.limit_test)
+    model, test_loader, cfg = _load_run_model()(args.run_dir, data_root=args.data_root, device=args.device,
+                                                limit_test=args.limit_test)
     result = certified_accuracy(model, test_loader)
     seconds = time.time() - start
     if args.json:
@@ -161,10 +279,14 @@ def main(argv=None):
                           "certified": {f"{round(e * 255)}/255": v for e, v in result["certified"].items()},
                           "n": result["n"], "lipschitz": result["lipschitz"], "seconds": seconds}))
     else:
-        print(f"run {args.run_dir} | network {cfg['size']} | {result['n']} test images | "
+        print(f"run {args.run_dir} | network {_config_value(cfg, 'size')} | {result['n']} test images | "
               f"Lipschitz bound {result['lipschitz']:.6f} | {seconds:.1f} s")
         print(format_table(result))
     return 0
+
+
+def _config_value(cfg, name):
+    return cfg[name] if isinstance(cfg, dict) else getattr(cfg, name, "?")
 
 
 if __name__ == "__main__":

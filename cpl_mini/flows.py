@@ -9,9 +9,12 @@ Its flow is 1-Lipschitz (non-expansive) when ``F`` is *monotone-dissipative*,
 
 .. math::  \langle F(t, x) - F(t, y),\ x - y \rangle \le 0 \quad \text{for all } t, x, y,
 
-since then ``d/dt ||x(t) - y(t)||^2 = 2 <F(x) - F(y), x - y> <= 0``. Such fields are
-``F = -grad f_t + A_t x`` with ``f_t`` convex and ``A_t`` skew-symmetric. This module gives those
-fields, a counter-example field, and the tools to check the claims numerically:
+since then ``d/dt ||x(t) - y(t)||^2 = 2 <F(x) - F(y), x - y> <= 0``. The paper *builds* such fields
+as ``F = -grad f_t + A_t x`` with ``f_t`` convex and ``A_t`` skew-symmetric: every field of that form is
+monotone-dissipative (a sufficient construction, motivated by the Helmholtz decomposition), but not
+every monotone-dissipative field has that form (``F(x) = (-x_1 - sin(x_2)/2, -x_2)`` is dissipative,
+yet the skew part of its Jacobian varies with ``x``). This module gives those fields, a
+counter-example field, and the tools to check the claims numerically:
 
 * fields: :class:`ConvexPotentialField` (``-grad f``), :class:`SkewSymmetricField` (``S x``),
   :class:`LinearField` (``M x``, any ``M``), :class:`FunctionField` (any callable), :class:`SumField`

@@ -7,25 +7,40 @@ A Convex Potential Layer is one explicit Euler step of the gradient flow of the 
 
 which is 1-Lipschitz for any ``W`` because ``grad f`` is ``||W||^2``-smooth and co-coercive.
 
-How ``||W||_2`` is obtained decides whether the layer is *provably* 1-Lipschitz:
+How ``||W||_2`` is obtained decides whether the layer is *provably* 1-Lipschitz (the machinery is
+:class:`~cpl_mini.spectral.OperatorNormModule`'s):
 
 * training mode: one power-iteration step per forward with a persistent vector (a buffer); the
   estimate is differentiable with respect to ``W`` (no gradient through the vector update);
-* evaluation mode: a cached norm, recomputed whenever the weight changes (optimizer step,
-  ``load_state_dict``, in-place edits through the parameter; ``reset_norm_cache()`` for edits made
-  behind autograd's back through ``.data``). With ``eval_norm="sound"`` (default) the cached value is
-  a guaranteed upper bound (exact SVD for dense layers, :func:`~cpl_mini.spectral.conv_spectral_norm_upper`
-  for convolutions), so the eval-mode layer is 1-Lipschitz, not approximately so.
-  ``eval_norm="power"`` reproduces the official code (100 power iterations, a lower estimate): only
-  for comparisons, its certificates are not sound.
+* evaluation mode: a cached norm, recomputed whenever the weight differs from the copy it was
+  computed from, however the weight changed. With ``eval_norm="sound"`` (default) the norm is a
+  guaranteed upper bound (exact SVD for dense layers, :func:`~cpl_mini.spectral.conv_spectral_norm_upper`
+  for convolutions) and the step ``h = 2 / sigma^2`` is rounded *down* to the dtype it is applied
+  in, so the eval-mode layer is 1-Lipschitz, not approximately so.
+  ``eval_norm="power"`` reproduces the official evaluation: ``n_eval_iter`` (100) power iterations
+  from the persistent vector (advancing it), the estimate ``<W u, v>`` and ``h = 2 / (sigma^2 + 1e-4)``.
+  A lower estimate of the norm: only for comparisons, its certificates are not sound.
 """
 import math
+from fractions import Fraction
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .spectral import conv_spectral_norm_upper, dense_spectral_norm_upper, power_iteration
+from .bounds import lipschitz_upper_bound
+from .precision import (
+    as_float64,
+    cast_down,
+    check_last_dim,
+    float64_device,
+    float_down,
+    float_up,
+    gamma,
+    next_up,
+)
+from .spectral import OperatorNormModule, conv_spectral_norm_upper, dense_spectral_norm_upper
 
 __all__ = [
     "ConvexPotentialLinear",
@@ -37,127 +52,95 @@ __all__ = [
     "lipschitz_upper_bound",
 ]
 
-_EVAL_NORMS = ("sound", "power")
+#: The official code's ``epsilon`` in ``h = 2 / (sigma^2 + epsilon)`` (used with ``eval_norm="power"``).
+OFFICIAL_EPSILON = 1e-4
 
 
-class _ConvexPotentialBase(nn.Module):
-    """Shared machinery: the weight's norm in training and evaluation, the step, the forward."""
+class _ConvexPotentialBase(OperatorNormModule):
+    """The CPL step and forward, on top of the operator-norm machinery."""
 
-    def __init__(self, eval_norm="sound", n_eval_iter=100, step_scale=1.0):
-        super().__init__()
-        if eval_norm not in _EVAL_NORMS:
-            raise ValueError(f"eval_norm must be one of {_EVAL_NORMS}, got {eval_norm!r}")
-        self.eval_norm = eval_norm
-        self.n_eval_iter = int(n_eval_iter)
+    def __init__(self, eval_norm: str = "sound", n_eval_iter: int = 100, step_scale: float = 1.0):
+        super().__init__(eval_norm, n_eval_iter)
         #: multiplies the step ``h = 2 / ||W||^2``; above 1 the layer is no longer 1-Lipschitz
         #: (kept for the book's counter-examples and the tests that show the checks can fail).
         self.step_scale = float(step_scale)
-        self._norm_cache = {}
+        self._step_cache = {}
 
-    # -- subclasses define the operator W and its adjoint ------------------------------------
-    def _op(self, x, weight, bias=None):
-        raise NotImplementedError
-
-    def _op_adjoint(self, y, weight):
-        raise NotImplementedError
-
-    def _sound_norm(self):
+    def _pre_activation(self, x):
         raise NotImplementedError
 
     def _check_input(self, x):
         raise NotImplementedError
 
-    # -- the norm ----------------------------------------------------------------------------
-    def _norm_weight(self):
-        w = self.weight
-        return w if w.dtype in (torch.float32, torch.float64) else w.float()
+    # -- the step ------------------------------------------------------------------------------
+    def _step_value(self, sigma: float) -> float:
+        r"""``h = step_scale * 2 / (sigma^2 + epsilon)`` computed exactly and rounded down to a float
+        (``epsilon`` = :data:`OFFICIAL_EPSILON` with ``eval_norm="power"``, else 0; the denominator is at
+        least ``1e-12``, as in training)."""
+        eps = Fraction(OFFICIAL_EPSILON) if self.eval_norm == "power" else Fraction(0)
+        denominator = max(Fraction(sigma) ** 2 + eps, Fraction(1e-12))
+        return float_down(Fraction(self.step_scale) * 2 / denominator)
 
-    def _power_norm(self, n_iter, update):
-        w = self._norm_weight()
-        u = self.u.to(w.dtype)
-        sigma, u_new = power_iteration(lambda x: self._op(x, w), lambda y: self._op_adjoint(y, w), u, n_iter)
-        if update:
-            self.u.copy_(u_new)
-        return sigma
+    def eval_step(self) -> float:
+        """The evaluation-mode step ``h`` as a float64 number, before it is rounded down to the dtype the
+        forward applies it in (so every ``h`` the forward uses is at most this one)."""
+        return self._step_value(float(self.eval_spectral_norm()))
 
-    def _cached_norm(self):
-        """The cached norm if it was computed from exactly the weight the layer holds now, else None.
+    def _eval_step_tensor(self, dtype, device):
+        sigma = float(self.eval_spectral_norm())
+        key = (sigma, self.step_scale, self.eval_norm, dtype, device)
+        h = self._step_cache.get(key)
+        if h is None:
+            h64 = torch.tensor(self._step_value(sigma), dtype=torch.float64, device=float64_device(device))
+            h = cast_down(h64, dtype).to(device)
+            if len(self._step_cache) > 16:
+                self._step_cache.clear()
+            self._step_cache[key] = h
+        return h
 
-        The cache keeps a copy of the weight it was computed from and compares it element by element
-        (``torch.equal``): version counters are not enough (fused and compiled optimizers update
-        weights without bumping them), and a comparison costs one pass over the weight.
+    def _compute_dtype(self):
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    def step_size(self, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The step ``h`` (0-dim tensor, float32 or float64, never lower precision).
+
+        Without ``sigma``: the step the forward uses now; in training mode ``step_scale * 2 / sigma^2``
+        with the differentiable power estimate (``u`` advances), in evaluation mode the cached step
+        rounded down (:meth:`eval_step`). With ``sigma``: the evaluation formula applied to it.
         """
-        entry = self._norm_cache.get((self.eval_norm, self.n_eval_iter))
-        if entry is None:
-            return None
-        weight, value = entry
-        w = self.weight.detach()
-        if weight.shape != w.shape or weight.dtype != w.dtype or weight.device != w.device:
-            return None
-        return value if torch.equal(weight, w) else None
-
-    def reset_norm_cache(self):
-        """Forget the cached evaluation norm (never needed for soundness: the cache checks the weight)."""
-        self._norm_cache.clear()
-
-    def eval_spectral_norm(self):
-        """The norm used in evaluation mode, a float32/64 0-dim tensor.
-
-        Cached with a copy of the weight it was computed from; recomputed whenever the weight differs
-        from that copy, however it was changed.
-        """
-        value = self._cached_norm()
-        if value is None:
-            with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False):
-                if self.eval_norm == "sound":
-                    value = self._sound_norm()
-                else:
-                    value = self._power_norm(self.n_eval_iter, update=False).to(torch.float64)
-            self._norm_cache.clear()
-            self._norm_cache[(self.eval_norm, self.n_eval_iter)] = (self.weight.detach().clone(), value)
-        return value
-
-    def sound_spectral_norm(self):
-        """A guaranteed upper bound of ``||W||_2`` (float64), whatever ``eval_norm`` is."""
-        if self.eval_norm == "sound":
-            return self.eval_spectral_norm()
-        with torch.no_grad():
-            return self._sound_norm()
-
-    def spectral_norm(self):
-        """The norm the forward pass uses now: the training estimate or the cached evaluation norm."""
-        if self.training:
-            with torch.autocast(self.weight.device.type, enabled=False):
-                return self._power_norm(1, update=True)
-        return self.eval_spectral_norm()
-
-    def step_size(self, sigma=None):
-        """``h = step_scale * 2 / sigma^2`` (float32 or float64, never lower precision)."""
+        dtype = self._compute_dtype()
+        if sigma is None and self.training:
+            sigma = self.spectral_norm().to(device=self.weight.device, dtype=dtype)
+            return self.step_scale * 2.0 / sigma.square().clamp_min(1e-12)
         if sigma is None:
-            sigma = self.spectral_norm()
-        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        sigma = sigma.to(device=self.weight.device, dtype=dtype)
-        return self.step_scale * 2.0 / sigma.square().clamp_min(1e-12)
+            return self._eval_step_tensor(dtype, self.weight.device)
+        h64 = torch.tensor(self._step_value(float(sigma)), dtype=torch.float64,
+                           device=float64_device(self.weight.device))
+        return cast_down(h64, dtype).to(self.weight.device)
 
-    def lipschitz_bound(self):
+    def lipschitz_bound(self) -> float:
         r"""A guaranteed upper bound of this layer's Lipschitz constant in evaluation mode.
 
         The Jacobian is ``I - h W^T D W`` with ``D`` diagonal in ``[0, 1]``; its eigenvalues lie in
-        ``[1 - h ||W||^2, 1]``, so the constant is at most ``max(1, h ||W||^2 - 1)`` with ``||W||`` the
-        sound bound. It is 1 for the default (sound) layer.
+        ``[1 - h ||W||^2, 1]``, so the constant is at most ``max(1, h ||W||^2 - 1)``, computed exactly
+        (fractions) with ``||W||`` the sound bound and ``h`` :meth:`eval_step`, then rounded up. It is
+        exactly 1 for the default (sound) layer.
         """
-        sigma_up = self.sound_spectral_norm().double()
-        h = self.step_size(self.eval_spectral_norm()).double().cpu()
-        return max(1.0, float(h * sigma_up.cpu() ** 2 - 1.0))
+        sigma_up = Fraction(float(self.sound_spectral_norm()))
+        return max(1.0, float_up(Fraction(self.eval_step()) * sigma_up ** 2 - 1))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        h = self.step_size(self.spectral_norm())
-        y = F.relu(self._op(x, self.weight, self.bias))
-        return x - h * self._op_adjoint(y, self.weight)
+        update = self.adjoint(F.relu(self._pre_activation(x)))
+        if self.training:
+            h = self.step_size()
+        else:  # rounded down to the dtype h * update is computed in
+            h = self._eval_step_tensor(update.dtype, update.device)
+        return x - h * update
 
-    def extra_repr(self):
-        return f"eval_norm={self.eval_norm!r}" + (f", step_scale={self.step_scale}" if self.step_scale != 1 else "")
+    def extra_repr(self) -> str:
+        scale = f", step_scale={self.step_scale}" if self.step_scale != 1 else ""
+        return f"eval_norm={self.eval_norm!r}" + scale
 
 
 class ConvexPotentialLinear(_ConvexPotentialBase):
@@ -167,19 +150,34 @@ class ConvexPotentialLinear(_ConvexPotentialBase):
         features: size ``d`` of the input and output.
         inner_features: number ``m`` of rows of ``W`` (``(m, d)``); default ``features``.
         bias: learn ``b`` (shape ``(m,)``).
-        eval_norm: ``"sound"`` (exact norm in float64 plus a rounding margin, default) or ``"power"``.
+        eval_norm: ``"sound"`` (exact norm in float64 plus a rounding margin, default) or ``"power"``
+            (the official evaluation, unsound).
         n_eval_iter: power iterations for ``eval_norm="power"``.
         step_scale: multiplies ``h`` (1 = the paper's layer).
 
     Shape: input ``(..., d)``, output ``(..., d)``.
+
+    Examples:
+        >>> import torch
+        >>> from cpl_mini import ConvexPotentialLinear
+        >>> layer = ConvexPotentialLinear(8, inner_features=16).eval()
+        >>> layer(torch.randn(4, 8)).shape
+        torch.Size([4, 8])
+        >>> layer.lipschitz_bound()  # sound norm, step rounded down: exactly 1-Lipschitz
+        1.0
+        >>> sigma = layer.eval_spectral_norm()  # a float64 upper bound of ||W||_2, cached
+        >>> bool(layer.power_estimate(n_iter=1) < sigma)  # one power step from the persistent vector: below
+        True
     """
 
-    def __init__(self, features, inner_features=None, bias=True, eval_norm="sound", n_eval_iter=100,
-                 step_scale=1.0, device=None, dtype=None):
+    def __init__(self, features: int, inner_features: Optional[int] = None, bias: bool = True,
+                 eval_norm: str = "sound", n_eval_iter: int = 100, step_scale: float = 1.0,
+                 device=None, dtype=None):
         super().__init__(eval_norm, n_eval_iter, step_scale)
         inner_features = features if inner_features is None else inner_features
         if features < 1 or inner_features < 1:
-            raise ValueError(f"features and inner_features must be positive, got {features}, {inner_features}")
+            raise ValueError(f"features and inner_features must be positive, got {features}, "
+                             f"{inner_features}")
         self.features, self.inner_features = int(features), int(inner_features)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(inner_features, features, **kw))
@@ -187,28 +185,31 @@ class ConvexPotentialLinear(_ConvexPotentialBase):
         self.register_buffer("u", torch.randn(1, features, **kw))
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _op(self, x, weight, bias=None):
-        return F.linear(x, weight, bias)
+    def operator(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W x`` for ``x`` of shape ``(..., d)``: shape ``(..., m)``."""
+        return F.linear(x, self.weight if weight is None else weight)
 
-    def _op_adjoint(self, y, weight):
-        return F.linear(y, weight.t())
+    def adjoint(self, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W^T y`` for ``y`` of shape ``(..., m)``: shape ``(..., d)``."""
+        return F.linear(y, (self.weight if weight is None else weight).t())
 
-    def _sound_norm(self):
-        return dense_spectral_norm_upper(self.weight).to(self.weight.device)
+    def _pre_activation(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def norm_upper_bound(self) -> torch.Tensor:
+        """Exact ``||W||_2`` in float64 times ``1 + ROUNDING_MARGIN``."""
+        return dense_spectral_norm_upper(self.weight)
 
     def _check_input(self, x):
-        if x.dim() < 1 or x.shape[-1] != self.features:
-            raise ValueError(
-                f"{type(self).__name__} expects inputs of shape (..., {self.features}), got {tuple(x.shape)}; "
-                "flatten images first (nn.Flatten) or build the layer with the right `features`.")
+        check_last_dim(self, x, self.features, "features")
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.features}, inner_features={self.inner_features}, " + super().extra_repr()
 
 
@@ -228,17 +229,34 @@ class ConvexPotentialConv2d(_ConvexPotentialBase):
             evaluation norm is :func:`~cpl_mini.spectral.conv_spectral_norm_upper` (float64).
 
     Shape: input ``(N, C, H, W)``, output ``(N, C, H, W)``.
+
+    Examples:
+        >>> import torch
+        >>> from cpl_mini import ConvexPotentialConv2d
+        >>> layer = ConvexPotentialConv2d(4, inner_channels=5, input_size=(8, 8)).eval()
+        >>> layer(torch.randn(2, 4, 8, 8)).shape
+        torch.Size([2, 4, 8, 8])
+        >>> layer.lipschitz_bound()
+        1.0
+        >>> layer(torch.randn(2, 4, 16, 16))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ConvexPotentialConv2d was built for 8x8 inputs (its norm depends on the size), ...
     """
 
-    def __init__(self, channels, inner_channels=None, kernel_size=3, input_size=(32, 32), bias=True,
-                 eval_norm="sound", n_eval_iter=100, step_scale=1.0, device=None, dtype=None):
+    def __init__(self, channels: int, inner_channels: Optional[int] = None, kernel_size: int = 3,
+                 input_size: Union[int, Tuple[int, int]] = (32, 32), bias: bool = True,
+                 eval_norm: str = "sound", n_eval_iter: int = 100, step_scale: float = 1.0,
+                 device=None, dtype=None):
         super().__init__(eval_norm, n_eval_iter, step_scale)
         inner_channels = channels if inner_channels is None else inner_channels
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd (padding k//2 keeps the size), got {kernel_size}")
         if channels < 1 or inner_channels < 1:
-            raise ValueError(f"channels and inner_channels must be positive, got {channels}, {inner_channels}")
-        self.channels, self.inner_channels, self.kernel_size = int(channels), int(inner_channels), int(kernel_size)
+            raise ValueError(f"channels and inner_channels must be positive, got {channels}, "
+                             f"{inner_channels}")
+        self.channels, self.inner_channels = int(channels), int(inner_channels)
+        self.kernel_size = int(kernel_size)
         self.input_size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         self.padding = kernel_size // 2
         kw = {"device": device, "dtype": dtype}
@@ -247,36 +265,45 @@ class ConvexPotentialConv2d(_ConvexPotentialBase):
         self.register_buffer("u", torch.randn(1, channels, *self.input_size, **kw))
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.channels * self.kernel_size ** 2)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _op(self, x, weight, bias=None):
-        return F.conv2d(x, weight, bias, padding=self.padding)
+    def operator(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``conv2d(x, K, padding=k//2)``: ``(N, C, H, W) -> (N, inner_channels, H, W)``."""
+        return F.conv2d(x, self.weight if weight is None else weight, padding=self.padding)
 
-    def _op_adjoint(self, y, weight):
-        return F.conv_transpose2d(y, weight, padding=self.padding)
+    def adjoint(self, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``conv_transpose2d(y, K, padding=k//2)``, the exact adjoint of :meth:`operator`."""
+        return F.conv_transpose2d(y, self.weight if weight is None else weight, padding=self.padding)
 
-    def _sound_norm(self):
-        return conv_spectral_norm_upper(self.weight, self.input_size, self.padding).to(self.weight.device)
+    def _pre_activation(self, x):
+        return F.conv2d(x, self.weight, self.bias, padding=self.padding)
+
+    def norm_upper_bound(self) -> torch.Tensor:
+        """:func:`~cpl_mini.spectral.conv_spectral_norm_upper` on ``input_size`` inputs (float64)."""
+        return conv_spectral_norm_upper(self.weight, self.input_size, self.padding)
+
+    def norm_key(self) -> tuple:
+        return (self.input_size, self.padding)
 
     def _check_input(self, x):
+        name = type(self).__name__
         if x.dim() != 4:
-            raise ValueError(
-                f"{type(self).__name__} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}; "
-                "add a batch dimension with x.unsqueeze(0) for a single image.")
+            raise ValueError(f"{name} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}; "
+                             "add a batch dimension with x.unsqueeze(0) for a single image.")
         if x.shape[1] != self.channels:
             raise ValueError(
-                f"{type(self).__name__} was built for {self.channels} channels, got {x.shape[1]} "
-                f"(input shape {tuple(x.shape)}); pad the channels first (ChannelPad) or change `channels`.")
+                f"{name} was built for {self.channels} channels, got {x.shape[1]} (input shape "
+                f"{tuple(x.shape)}); pad the channels first (ChannelPad) or change `channels`.")
         if tuple(x.shape[2:]) != self.input_size:
             raise ValueError(
-                f"{type(self).__name__} was built for {self.input_size[0]}x{self.input_size[1]} inputs (its norm "
-                f"depends on the size), got {x.shape[2]}x{x.shape[3]}; pass input_size={tuple(x.shape[2:])}.")
+                f"{name} was built for {self.input_size[0]}x{self.input_size[1]} inputs (its norm depends on "
+                f"the size), got {x.shape[2]}x{x.shape[3]}; pass input_size={tuple(x.shape[2:])}.")
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.channels}, inner_channels={self.inner_channels}, kernel_size={self.kernel_size}, "
                 f"input_size={self.input_size}, " + super().extra_repr())
 
@@ -284,19 +311,20 @@ class ConvexPotentialConv2d(_ConvexPotentialBase):
 class ChannelPad(nn.Module):
     """Zero-pad the channel dimension ``(N, c, H, W) -> (N, C, H, W)``: an isometry (Lipschitz 1)."""
 
-    def __init__(self, channels):
+    def __init__(self, channels: int):
         super().__init__()
         self.channels = int(channels)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] > self.channels:
-            raise ValueError(f"ChannelPad({self.channels}) expects (N, c<={self.channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"ChannelPad({self.channels}) expects (N, c<={self.channels}, H, W), "
+                             f"got {tuple(x.shape)}")
         return F.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1]))
 
-    def lipschitz_bound(self):
+    def lipschitz_bound(self) -> float:
         return 1.0
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return str(self.channels)
 
 
@@ -307,36 +335,37 @@ class LipschitzAvgPool2d(nn.Module):
     Cauchy-Schwarz ``(sum of k^2 values / k)^2 <= sum of squares``, with equality for constant windows.
     """
 
-    def __init__(self, kernel_size):
+    def __init__(self, kernel_size: int):
         super().__init__()
         self.kernel_size = int(kernel_size)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(x, self.kernel_size, divisor_override=self.kernel_size)
 
-    def lipschitz_bound(self):
+    def lipschitz_bound(self) -> float:
         return 1.0
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return str(self.kernel_size)
 
 
 class FirstCoordinates(nn.Module):
     """Keep the first ``k`` coordinates ``(N, d) -> (N, k)``: a projection (Lipschitz 1). The CPL head."""
 
-    def __init__(self, k):
+    def __init__(self, k: int):
         super().__init__()
         self.k = int(k)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] < self.k:
-            raise ValueError(f"FirstCoordinates({self.k}) needs at least {self.k} features, got {x.shape[-1]}")
+            raise ValueError(f"FirstCoordinates({self.k}) needs at least {self.k} features, "
+                             f"got {x.shape[-1]}")
         return x[..., : self.k]
 
-    def lipschitz_bound(self):
+    def lipschitz_bound(self) -> float:
         return 1.0
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return str(self.k)
 
 
@@ -347,44 +376,33 @@ class RowNormalizedLinear(nn.Linear):
     (see :func:`cpl_mini.certify.certified_radius_pairwise`).
     """
 
-    def normalized_weight(self):
+    def normalized_weight(self) -> torch.Tensor:
+        """The rows ``v_j = w_j / ||w_j||`` as the forward computes them, shape ``(out, in)``."""
         return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.normalized_weight(), self.bias)
 
-    def pairwise_lipschitz(self):
-        """``(out, out)`` matrix of ``||v_i - v_j||`` for the normalised rows ``v`` (float64)."""
-        v = self.normalized_weight().detach().double()
-        return torch.cdist(v, v)
+    def pairwise_lipschitz(self) -> torch.Tensor:
+        r"""``(out, out)`` float64 matrix of guaranteed upper bounds of ``||v_i - v_j||``, ``v`` the rows the
+        forward applies (:meth:`normalized_weight`), zero on the diagonal.
 
-    def lipschitz_bound(self):
-        return float(dense_spectral_norm_upper(self.normalized_weight()))
+        The differences are formed explicitly in float64 (exact for float32 rows), never through
+        ``||a||^2 + ||b||^2 - 2 <a, b>`` (which cancels for nearly parallel rows, as ``torch.cdist``
+        does above 25 rows); the sum of squares is then raised by Higham's ``gamma`` for its rounding
+        errors and the square root rounded up.
+        """
+        with torch.no_grad():
+            v = as_float64(self.normalized_weight())
+        k, d = v.shape
+        squares = torch.stack([(v[i] - v).square().sum(dim=1) for i in range(k)])  # (k, k), float64
+        # fl(differences), fl(squares) and a sum of d terms: relative error below gamma(d + 2); the
+        # absolute term covers squares that underflow
+        squares = squares * (1 + gamma(2 * (d + 2))) + math.ldexp(d, -1022)
+        out = next_up(squares.sqrt())
+        return out.fill_diagonal_(0.0)
 
-
-_ONE_LIPSCHITZ = (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout)
-
-
-def lipschitz_upper_bound(module):
-    """A guaranteed upper bound of the l2 Lipschitz constant of ``module`` in evaluation mode.
-
-    Composition multiplies constants: for ``nn.Sequential`` the bound is the product of its parts.
-    Known parts: the CPL layers (via their sound norm), :class:`ChannelPad`,
-    :class:`LipschitzAvgPool2d`, :class:`FirstCoordinates`, :class:`RowNormalizedLinear`,
-    ``nn.Linear`` (exact SVD), ``nn.ReLU``, ``nn.Identity``, ``nn.Flatten``. Anything else raises
-    ``TypeError`` (a bound must never be guessed).
-    """
-    if isinstance(module, nn.Sequential):
-        bound = 1.0
-        for child in module:
-            bound *= lipschitz_upper_bound(child)
-        return bound
-    if hasattr(module, "lipschitz_bound"):
-        return float(module.lipschitz_bound())
-    if isinstance(module, nn.Linear):
-        return float(dense_spectral_norm_upper(module.weight))
-    if isinstance(module, _ONE_LIPSCHITZ):
-        return 1.0
-    raise TypeError(
-        f"lipschitz_upper_bound does not know a sound bound for {type(module).__name__}; "
-        "give the module a `lipschitz_bound()` method returning a guaranteed upper bound.")
+    def lipschitz_bound(self) -> float:
+        """A guaranteed upper bound of the layer's constant: ``||V||_2`` of the normalised rows."""
+        with torch.no_grad():
+            return float(dense_spectral_norm_upper(self.normalized_weight()))

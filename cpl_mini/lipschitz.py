@@ -8,7 +8,7 @@ For ``f: R^n -> R^m`` the Lipschitz constant is
 Every function here evaluates that ratio at pairs it actually found, or the Jacobian's norm at points
 it actually visited, from below. So each result is a **lower bound** of ``Lip(f)`` (up to rounding):
 it can show that a network is *not* 1-Lipschitz, never that it is. A certificate needs an upper
-bound (see :mod:`cpl_mini.spectral` and :func:`cpl_mini.layers.lipschitz_upper_bound`).
+bound (see :mod:`cpl_mini.spectral` and :func:`cpl_mini.bounds.lipschitz_upper_bound`).
 
 Conventions: ``model`` is any callable on a batch ``x`` of shape ``(batch, *features)`` that treats
 examples independently (no batch statistics: use ``eval()`` for BatchNorm); norms are taken over all

@@ -14,25 +14,20 @@ r"""Normalised linear layers: a free weight matrix rescaled so that the layer is
   ``W^T W <= diag(sum_i |W^T W|_{ij})`` (Gershgorin's theorem on a symmetric matrix).
 
 Both layers have a ``lipschitz_bound()`` method (a guaranteed upper bound, read by
-:func:`cpl_mini.layers.lipschitz_upper_bound`) computed in float64 from the matrix the layer applies.
+:func:`cpl_mini.bounds.lipschitz_upper_bound`) computed in float64 from the matrix the layer applies.
 """
 import math
+from fractions import Fraction
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import _ConvexPotentialBase
-from .spectral import dense_spectral_norm_upper
+from .precision import cast_down, check_last_dim, float64_device, float_up
+from .spectral import OperatorNormModule, dense_spectral_norm_upper
 
 __all__ = ["SpectralNormLinear", "AOLLinear", "aol_scaling"]
-
-
-def _check_last_dim(module, x, n):
-    if x.dim() < 1 or x.shape[-1] != n:
-        raise ValueError(
-            f"{type(module).__name__} expects inputs of shape (..., {n}), got {tuple(x.shape)}; "
-            f"flatten images first (nn.Flatten) or build the layer with in_features={x.shape[-1] if x.dim() else '?'}.")
 
 
 def _init_linear(weight, bias, in_features):
@@ -42,13 +37,16 @@ def _init_linear(weight, bias, in_features):
         nn.init.uniform_(bias, -b, b)
 
 
-class SpectralNormLinear(_ConvexPotentialBase):
+class SpectralNormLinear(OperatorNormModule):
     r"""Spectrally normalised linear layer ``y = (W / sigma) x + b`` with ``sigma ~ ||W||_2``.
 
-    ``sigma`` is the norm machinery of the CPL layers: training mode, one power-iteration step with a
-    persistent vector ``u`` (the estimate is differentiable in ``W``, as in Miyato et al.);
-    evaluation mode, a cached norm, recomputed whenever ``W`` changes, which with ``eval_norm="sound"``
-    (default) is a guaranteed upper bound of ``||W||_2``, so ``||W / sigma||_2 <= 1``.
+    ``sigma`` comes from :class:`~cpl_mini.spectral.OperatorNormModule`: training mode, one
+    power-iteration step with a persistent vector ``u`` (the estimate is differentiable in ``W``, as in
+    Miyato et al.); evaluation mode, a cached norm, recomputed whenever ``W`` changes, which with
+    ``eval_norm="sound"`` (default) is a guaranteed upper bound of ``||W||_2``. In that mode the divisor
+    is raised by ``(sqrt(min(out, in)) + 1)`` units of the weight's precision and rounded up, so that
+    the rounded matrix ``fl(W / sigma)`` the forward applies has norm at most 1: its error ``E`` has
+    entries at most ``eps |W_ij| / sigma``, so ``||E||_2 <= ||E||_F <= eps sqrt(rank) ||W||_2 / sigma``.
 
     Args:
         in_features, out_features: ``W`` has shape ``(out_features, in_features)``.
@@ -59,12 +57,13 @@ class SpectralNormLinear(_ConvexPotentialBase):
     Shape: input ``(..., in_features)``, output ``(..., out_features)``.
     """
 
-    def __init__(self, in_features, out_features=None, bias=True, eval_norm="sound", n_eval_iter=100,
-                 device=None, dtype=None):
-        super().__init__(eval_norm, n_eval_iter, step_scale=1.0)
+    def __init__(self, in_features: int, out_features: Optional[int] = None, bias: bool = True,
+                 eval_norm: str = "sound", n_eval_iter: int = 100, device=None, dtype=None):
+        super().__init__(eval_norm, n_eval_iter)
         out_features = in_features if out_features is None else out_features
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, "
+                             f"{out_features}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
@@ -72,48 +71,63 @@ class SpectralNormLinear(_ConvexPotentialBase):
         self.register_buffer("u", torch.randn(1, in_features, **kw))
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         _init_linear(self.weight, self.bias, self.in_features)
 
     # the operator W and its adjoint, for the power iteration of the base class
-    def _op(self, x, weight, bias=None):
-        return F.linear(x, weight, bias)
+    def operator(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W x`` for ``x`` of shape ``(..., in)``."""
+        return F.linear(x, self.weight if weight is None else weight)
 
-    def _op_adjoint(self, y, weight):
-        return F.linear(y, weight.t())
+    def adjoint(self, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W^T y`` for ``y`` of shape ``(..., out)``."""
+        return F.linear(y, (self.weight if weight is None else weight).t())
 
-    def _sound_norm(self):
-        return dense_spectral_norm_upper(self.weight).to(self.weight.device)
+    def norm_upper_bound(self) -> torch.Tensor:
+        """Exact ``||W||_2`` in float64 times ``1 + ROUNDING_MARGIN``."""
+        return dense_spectral_norm_upper(self.weight)
 
-    def _check_input(self, x):
-        _check_last_dim(self, x, self.in_features)
+    def _compute_dtype(self):
+        return self.weight.dtype if self.weight.dtype in (torch.float32, torch.float64) else torch.float32
 
-    def _normalized(self, sigma):
-        dtype = self.weight.dtype if self.weight.dtype in (torch.float32, torch.float64) else torch.float32
-        return self.weight / sigma.to(device=self.weight.device, dtype=dtype).clamp_min(1e-12)
+    def _eval_divisor(self):
+        """The evaluation-mode divisor: the cached norm, raised (sound mode) for the rounding of W / sigma."""
+        sigma = Fraction(float(self.eval_spectral_norm()))
+        if self.eval_norm == "sound":
+            rank = min(self.weight.shape)
+            slack = (Fraction(math.nextafter(math.sqrt(rank), math.inf)) + 1) * Fraction(
+                torch.finfo(self.weight.dtype).eps)
+            sigma = sigma * (1 + slack)
+        up = torch.tensor(float_up(max(sigma, Fraction(1e-12))), dtype=torch.float64,
+                          device=float64_device(self.weight.device))
+        return (-cast_down(-up, self._compute_dtype())).to(self.weight.device)  # rounded up
 
-    def weight_matrix(self):
+    def weight_matrix(self) -> torch.Tensor:
         """``W / sigma`` with the norm of the current mode (training: the power estimate, which also
-        advances the persistent vector; evaluation: the cached sound norm). Shape ``(out, in)``."""
-        return self._normalized(self.spectral_norm())
+        advances the persistent vector; evaluation: the cached norm, see above). Shape ``(out, in)``."""
+        if self.training:
+            sigma = self.spectral_norm().to(device=self.weight.device, dtype=self._compute_dtype())
+            return self.weight / sigma.clamp_min(1e-12)
+        return self.weight / self._eval_divisor()
 
-    def forward(self, x):
-        self._check_input(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_last_dim(self, x, self.in_features)
         return F.linear(x, self.weight_matrix().to(self.weight.dtype), self.bias)
 
-    def lipschitz_bound(self):
+    def lipschitz_bound(self) -> float:
         """A guaranteed upper bound of the eval-mode layer's constant: ``||W / sigma_eval||_2`` computed
         in float64 (plus a relative margin) from the matrix the eval-mode forward applies. At most
-        ``1 + 1e-7`` with ``eval_norm="sound"``; above 1 when the eval norm underestimates ``||W||``."""
+        ``1 + 1e-9`` with ``eval_norm="sound"``; above 1 when the eval norm underestimates ``||W||``."""
         with torch.no_grad():
-            return float(dense_spectral_norm_upper(self._normalized(self.eval_spectral_norm())))
+            matrix = (self.weight / self._eval_divisor()).to(self.weight.dtype)
+            return float(dense_spectral_norm_upper(matrix))
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, eval_norm={self.eval_norm!r}")
 
 
-def aol_scaling(weight, eps=1e-12):
+def aol_scaling(weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     r"""The AOL column scaling ``d_j = (sum_i |W^T W|_{ij})^{-1/2}`` of ``W`` ``(out, in)``; shape ``(in,)``.
 
     Row sums below ``eps`` are raised to ``eps`` (a zero column of ``W`` then stays zero; lowering
@@ -140,36 +154,39 @@ class AOLLinear(nn.Module):
     Shape: input ``(..., in_features)``, output ``(..., out_features)``.
     """
 
-    def __init__(self, in_features, out_features=None, bias=True, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: Optional[int] = None, bias: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         out_features = in_features if out_features is None else out_features
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, "
+                             f"{out_features}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         _init_linear(self.weight, self.bias, self.in_features)
 
-    def scaling(self):
+    def scaling(self) -> torch.Tensor:
         """The vector ``d`` (shape ``(in_features,)``)."""
         return aol_scaling(self.weight)
 
-    def weight_matrix(self):
+    def weight_matrix(self) -> torch.Tensor:
         """``W diag(d)``, shape ``(out_features, in_features)``: the matrix the layer applies."""
         return self.weight * self.scaling()
 
-    def forward(self, x):
-        _check_last_dim(self, x, self.in_features)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_last_dim(self, x, self.in_features)
         return F.linear(x, self.weight_matrix(), self.bias)
 
-    def lipschitz_bound(self):
+    def lipschitz_bound(self) -> float:
         """A guaranteed upper bound: ``||W diag(d)||_2`` in float64 plus a margin (<= 1 up to rounding)."""
         with torch.no_grad():
             return float(dense_spectral_norm_upper(self.weight_matrix()))
 
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")

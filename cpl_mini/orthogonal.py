@@ -28,25 +28,26 @@ matrix, and keeps the first ``out_features`` coordinates. Its matrix is the top-
 when ``in > out`` (a projection composed with an isometry); in both cases ``||Q_{out,in}||_2 <= 1``.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .normalized import _check_last_dim
+from .precision import check_last_dim
 from .spectral import dense_spectral_norm_upper
 
 __all__ = ["skew", "cayley", "CayleyLinear", "MatrixExpLinear", "MaxMin"]
 
 
-def skew(P):
+def skew(P: torch.Tensor) -> torch.Tensor:
     """The skew-symmetric part ``P - P^T`` of a square matrix ``(..., d, d)`` (no factor 1/2)."""
     if P.dim() < 2 or P.shape[-1] != P.shape[-2]:
         raise ValueError(f"skew expects square matrices (..., d, d), got shape {tuple(P.shape)}")
     return P - P.transpose(-1, -2)
 
 
-def cayley(A):
+def cayley(A: torch.Tensor) -> torch.Tensor:
     r"""Cayley transform ``(I - A)(I + A)^{-1}`` of a skew-symmetric ``A`` of shape ``(..., d, d)``.
 
     ``I + A`` is invertible because the eigenvalues of a real skew matrix are purely imaginary. The
@@ -61,11 +62,13 @@ def cayley(A):
 class _SkewParametrizedLinear(nn.Module):
     """``y = Q[:out, :in] x + b`` with ``Q = orth(P - P^T)`` orthogonal; subclasses define ``orth``."""
 
-    def __init__(self, in_features, out_features=None, bias=True, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: Optional[int] = None, bias: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         out_features = in_features if out_features is None else out_features
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, "
+                             f"{out_features}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.dim = max(self.in_features, self.out_features)
         kw = {"device": device, "dtype": dtype}
@@ -73,7 +76,7 @@ class _SkewParametrizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features, **kw)) if bias else None
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         # P ~ U(-1/sqrt(d), 1/sqrt(d)) / 2: the skew matrix A = P - P^T has entries of size ~1/sqrt(d),
         # so the orthogonal matrix starts neither at the identity nor far from it.
         bound = 0.5 / math.sqrt(self.dim)
@@ -85,30 +88,31 @@ class _SkewParametrizedLinear(nn.Module):
     def _orth(self, A):
         raise NotImplementedError
 
-    def skew_matrix(self):
+    def skew_matrix(self) -> torch.Tensor:
         """``A = P - P^T``, shape ``(d, d)``, ``d = max(in_features, out_features)``."""
         return skew(self.weight)
 
-    def orthogonal_matrix(self):
+    def orthogonal_matrix(self) -> torch.Tensor:
         """The full ``(d, d)`` orthogonal matrix ``Q`` (differentiable in the weight)."""
         return self._orth(self.skew_matrix())
 
-    def weight_matrix(self):
+    def weight_matrix(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` matrix the layer applies: the top-left block of ``Q``."""
         return self.orthogonal_matrix()[: self.out_features, : self.in_features]
 
-    def forward(self, x):
-        _check_last_dim(self, x, self.in_features)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_last_dim(self, x, self.in_features)
         return F.linear(x, self.weight_matrix(), self.bias)
 
-    def lipschitz_bound(self):
+    def lipschitz_bound(self) -> float:
         """A guaranteed upper bound of the Lipschitz constant: the float64 norm of the matrix actually
         applied (1 up to the rounding of ``Q``, plus a relative margin)."""
         with torch.no_grad():
             return float(dense_spectral_norm_upper(self.weight_matrix()))
 
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
 
 
 class CayleyLinear(_SkewParametrizedLinear):
@@ -139,8 +143,9 @@ class MatrixExpLinear(_SkewParametrizedLinear):
     def _orth(self, A):
         return torch.linalg.matrix_exp(A)
 
-    def flow_matrix(self, t=1.0):
-        """``exp(t A)``, shape ``(d, d)``: the flow of ``dx/dt = A x`` at time ``t`` (``t = 1``: the layer)."""
+    def flow_matrix(self, t: float = 1.0) -> torch.Tensor:
+        """``exp(t A)``, shape ``(d, d)``: the flow of ``dx/dt = A x`` at time ``t`` (``t = 1``: the
+        layer)."""
         return torch.linalg.matrix_exp(t * self.skew_matrix())
 
 
@@ -154,11 +159,11 @@ class MaxMin(nn.Module):
     Shape: any, with an even size along ``dim`` (default the last dimension).
     """
 
-    def __init__(self, dim=-1):
+    def __init__(self, dim: int = -1):
         super().__init__()
         self.dim = int(dim)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[self.dim] if x.dim() else 0
         if n % 2:
             raise ValueError(f"MaxMin needs an even number of features along dim {self.dim}, got shape "
@@ -166,8 +171,8 @@ class MaxMin(nn.Module):
         a, b = x.chunk(2, dim=self.dim)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
 
-    def lipschitz_bound(self):
+    def lipschitz_bound(self) -> float:
         return 1.0
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"dim={self.dim}"

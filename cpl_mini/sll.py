@@ -27,17 +27,19 @@ It is one explicit Euler step (step 2) of the gradient flow of the convex potent
 the same ``T`` as the AOL rescaling (:mod:`cpl_mini.normalized`).
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .precision import check_last_dim
 from .spectral import ROUNDING_MARGIN
 
 __all__ = ["sll_t", "sll_residual", "SLLLinear"]
 
 
-def sll_t(weight, q, eps=1e-12):
+def sll_t(weight: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     r"""The diagonal ``t`` of ``T``: ``t_i = sum_j |W W^T|_{ij} q_j / q_i``, shape ``(m,)``.
 
     Args:
@@ -55,7 +57,8 @@ def sll_t(weight, q, eps=1e-12):
     return (gram.abs() @ q / q).clamp_min(eps)
 
 
-def sll_residual(x, weight, bias, t):
+def sll_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 t: torch.Tensor) -> torch.Tensor:
     r"""``z = x - 2 W^T diag(t)^{-1} ReLU(W x + b)`` for ``x`` of shape ``(..., d)``, ``W`` ``(m, d)``,
     ``b`` ``(m,)`` or ``None``, ``t`` ``(m,)``. With ``t = ||W||^2`` (all entries) it is the CPL step."""
     y = F.relu(F.linear(x, weight, bias)) / t
@@ -77,11 +80,13 @@ class SLLLinear(nn.Module):
     Shape: input ``(..., d)``, output ``(..., d)``.
     """
 
-    def __init__(self, features, inner_features=None, bias=True, device=None, dtype=None):
+    def __init__(self, features: int, inner_features: Optional[int] = None, bias: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         inner_features = features if inner_features is None else inner_features
         if features < 1 or inner_features < 1:
-            raise ValueError(f"features and inner_features must be positive, got {features}, {inner_features}")
+            raise ValueError(f"features and inner_features must be positive, got {features}, "
+                             f"{inner_features}")
         self.features, self.inner_features = int(features), int(inner_features)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(inner_features, features, **kw))
@@ -89,29 +94,26 @@ class SLLLinear(nn.Module):
         self.log_q = nn.Parameter(torch.empty(inner_features, **kw))
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             b = 1.0 / math.sqrt(self.features)
             nn.init.uniform_(self.bias, -b, b)
         nn.init.zeros_(self.log_q)  # q = 1 at start: the AOL choice of T
 
-    def q(self):
+    def q(self) -> torch.Tensor:
         """The positive weights ``q = exp(log_q)``, shape ``(m,)``."""
         return self.log_q.exp()
 
-    def t(self):
+    def t(self) -> torch.Tensor:
         """The diagonal of ``T``, shape ``(m,)`` (differentiable in ``W`` and ``q``)."""
         return sll_t(self.weight, self.q())
 
-    def forward(self, x):
-        if x.dim() < 1 or x.shape[-1] != self.features:
-            raise ValueError(
-                f"{type(self).__name__} expects inputs of shape (..., {self.features}), got {tuple(x.shape)}; "
-                "flatten images first (nn.Flatten) or build the layer with the right `features`.")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_last_dim(self, x, self.features, "features")
         return sll_residual(x, self.weight, self.bias, self.t())
 
-    def contraction_ratio(self):
+    def contraction_ratio(self) -> float:
         """``r = ||T^{-1/2} W W^T T^{-1/2}||_2`` in float64 from the ``t`` the forward uses (``<= 1``)."""
         with torch.no_grad():
             w = self.weight.detach().double()
@@ -120,11 +122,11 @@ class SLLLinear(nn.Module):
             gram = b @ b.T if b.shape[0] <= b.shape[1] else b.T @ b
             return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0))
 
-    def lipschitz_bound(self):
+    def lipschitz_bound(self) -> float:
         r"""A guaranteed upper bound ``max(1, 2 r - 1)`` of the layer's constant (eigenvalues of the
         Jacobian lie in ``[1 - 2r, 1]``), with ``r`` from :meth:`contraction_ratio` plus a margin."""
         r = self.contraction_ratio() * (1 + ROUNDING_MARGIN)
         return max(1.0, 2.0 * r - 1.0)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.features}, inner_features={self.inner_features}, bias={self.bias is not None}"

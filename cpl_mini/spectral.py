@@ -5,9 +5,12 @@ largest singular value. A certificate needs an *upper* bound of it; power iterat
 *lower* estimate (it converges from below), so it is used for training, never for certificates.
 """
 import math
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from .precision import as_float64, float64_device, ieee_precision
 
 __all__ = [
     "power_iteration",
@@ -23,7 +26,11 @@ def _normalize(x, eps=1e-12):
     return x / x.norm().clamp_min(eps)
 
 
-def power_iteration(op, op_adjoint, x0, n_iter=1, eps=1e-12):
+Operator = Callable[[torch.Tensor], torch.Tensor]
+
+
+def power_iteration(op: Operator, op_adjoint: Operator, x0: torch.Tensor, n_iter: int = 1,
+                    eps: float = 1e-12) -> Tuple[torch.Tensor, torch.Tensor]:
     """Estimate ``||A||_2`` by power iteration on ``A^T A``.
 
     ``x <- A^T A x / ||A^T A x||`` repeated ``n_iter`` times (no gradient through these updates),
@@ -59,7 +66,7 @@ def power_iteration(op, op_adjoint, x0, n_iter=1, eps=1e-12):
 ROUNDING_MARGIN = 1e-9
 
 
-def dense_spectral_norm(weight):
+def dense_spectral_norm(weight: torch.Tensor) -> torch.Tensor:
     """Exact ``||W||_2`` of a matrix ``(out, in)`` in float64 (a float64 0-dim tensor).
 
     Computed as ``sqrt(lambda_max(G))`` with ``G`` the smaller of ``W W^T`` and ``W^T W`` (symmetric
@@ -68,12 +75,12 @@ def dense_spectral_norm(weight):
     """
     if weight.dim() != 2:
         raise ValueError(f"dense_spectral_norm expects a matrix (out, in), got shape {tuple(weight.shape)}")
-    w = weight.detach().to(torch.float64) if weight.device.type != "mps" else weight.detach().cpu().double()
+    w = as_float64(weight)
     gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
     return torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()
 
 
-def dense_spectral_norm_upper(weight):
+def dense_spectral_norm_upper(weight: torch.Tensor) -> torch.Tensor:
     """A guaranteed upper bound of ``||W||_2``: the exact value plus a relative rounding margin."""
     return dense_spectral_norm(weight) * (1 + ROUNDING_MARGIN)
 
@@ -81,20 +88,19 @@ def dense_spectral_norm_upper(weight):
 def _check_kernel(kernel):
     if kernel.dim() != 4:
         raise ValueError(
-            f"expected a conv2d kernel of shape (out_channels, in_channels, k_h, k_w), got {tuple(kernel.shape)}")
+            "expected a conv2d kernel of shape (out_channels, in_channels, k_h, k_w), "
+            f"got {tuple(kernel.shape)}")
 
 
 def _fft_norm(kernel, size):
     """max over the frequencies of the FFT grid ``size`` of the largest singular value (float64)."""
-    k = kernel.detach().to(torch.float64)
-    if k.device.type == "mps":
-        k = k.cpu()
+    k = as_float64(kernel)
     symbol = torch.fft.fft2(k, s=size)  # (cout, cin, n1, n2), complex128
     symbol = symbol.permute(2, 3, 0, 1).reshape(-1, k.shape[0], k.shape[1])
     return torch.linalg.matrix_norm(symbol, ord=2).max()
 
 
-def conv_spectral_norm_fft(kernel, n):
+def conv_spectral_norm_fft(kernel: torch.Tensor, n: Union[int, Sequence[int]]) -> torch.Tensor:
     """Exact spectral norm of the *circular* convolution with ``kernel`` on an ``n x n`` grid.
 
     The operator is block-diagonalised by the 2-D DFT (Sedghi et al., 2019): with
@@ -114,8 +120,9 @@ def conv_spectral_norm_fft(kernel, n):
     return _fft_norm(kernel, size)
 
 
-def conv_spectral_norm_upper(kernel, input_size, padding=None):
-    """A **guaranteed upper bound** of ``||conv2d(., kernel, padding=padding)||_2`` on inputs of ``input_size``.
+def conv_spectral_norm_upper(kernel: torch.Tensor, input_size: Union[int, Sequence[int]],
+                             padding: Union[None, int, Sequence[int]] = None) -> torch.Tensor:
+    """A **guaranteed upper bound** of ``||conv2d(., kernel, padding)||_2`` on inputs of ``input_size``.
 
     The zero-padded convolution on ``n x n`` inputs is a compression (restrict the input to the
     embedded ``n x n`` block, restrict the output) of the circular convolution on the grid
@@ -139,7 +146,8 @@ def conv_spectral_norm_upper(kernel, input_size, padding=None):
     return _fft_norm(kernel, size) * (1 + ROUNDING_MARGIN)
 
 
-def conv_operator(kernel, padding=None):
+def conv_operator(kernel: torch.Tensor, padding: Union[None, int, Sequence[int]] = None
+                  ) -> Tuple[Operator, Operator]:
     """The pair ``(op, op_adjoint)`` of a stride-1 zero-padded convolution, for :func:`power_iteration`.
 
     ``op(x) = conv2d(x, kernel, padding)`` and ``op_adjoint(y) = conv_transpose2d(y, kernel, padding)``,
@@ -228,7 +236,7 @@ def _frobenius(g):
     return _entrywise_norm(g, 2)
 
 
-def gram_iteration_dense(weight, n_iter=6):
+def gram_iteration_dense(weight: torch.Tensor, n_iter: int = 6) -> torch.Tensor:
     r"""A **guaranteed upper bound** of ``||W||_2`` by Gram iteration (Delattre et al., 2023), float64.
 
     ``G_0 = W``, ``G_{t+1} = G_t^T G_t``; since ``G_t`` is symmetric positive semi-definite for
@@ -253,8 +261,7 @@ def gram_iteration_dense(weight, n_iter=6):
     if weight.dim() != 2:
         raise ValueError(f"gram_iteration_dense expects a matrix (out, in), got shape {tuple(weight.shape)}")
     n_iter = _check_n_iter(n_iter)
-    w = weight.detach()
-    w = w.cpu().double() if w.device.type == "mps" else w.to(torch.float64)
+    w = as_float64(weight)
     if w.shape[0] < w.shape[1]:  # G_1 = G_0^T G_0 then has the smaller size
         w = w.T
     return _gram_bound(w, n_iter) * (1 + ROUNDING_MARGIN)
@@ -273,7 +280,8 @@ def _half_symbol(kernel, size):
 
     def phases(n, k, count):  # (count, k): exp(-2 pi i (f * a mod n) / n), exact reduction of the angle
         f = torch.arange(count, device=dev)[:, None] * torch.arange(k, device=dev)[None, :]
-        return torch.polar(torch.ones((), dtype=torch.float64, device=dev), -2 * math.pi * (f % n).double() / n)
+        one = torch.ones((), dtype=torch.float64, device=dev)
+        return torch.polar(one, -2 * math.pi * (f % n).double() / n)
 
     e_h = phases(n_h, k_h, n_h)
     e_w = phases(n_w, k_w, n_w // 2 + 1)
@@ -281,7 +289,8 @@ def _half_symbol(kernel, size):
     return symbol.reshape(-1, kernel.shape[0], kernel.shape[1])
 
 
-def gram_iteration_conv(kernel, input_size, padding=None, n_iter=6):
+def gram_iteration_conv(kernel: torch.Tensor, input_size: Union[int, Sequence[int]],
+                        padding: Union[None, int, Sequence[int]] = None, n_iter: int = 6) -> torch.Tensor:
     r"""A **guaranteed upper bound** of ``||conv2d(., kernel, padding=padding)||_2`` on ``input_size``
     inputs, by Gram iteration on the convolution's Fourier symbol (Delattre et al., 2023), float64.
 
@@ -317,9 +326,182 @@ def gram_iteration_conv(kernel, input_size, padding=None, n_iter=6):
     if min(n_h, n_w) < 1 or min(p_h, p_w) < 0:
         raise ValueError(f"input_size must be positive and padding >= 0, got {input_size}, {padding}")
     size = (n_h + max(2 * p_h, k_h - 1), n_w + max(2 * p_w, k_w - 1))
-    k = kernel.detach()
-    k = k.cpu().double() if k.device.type == "mps" else k.to(torch.float64)
+    k = as_float64(kernel)
     symbol = _half_symbol(k, size)  # (frequencies, cout, cin), complex128
     if symbol.shape[1] < symbol.shape[2]:  # start on the smaller side
         symbol = symbol.mH.contiguous()
     return _gram_bound(symbol, n_iter, prune=True).max() * (1 + ROUNDING_MARGIN)
+
+
+# ---------------------------------------------------------------------------------------------
+# The norm of a layer's operator: training estimate, cached evaluation norm
+# ---------------------------------------------------------------------------------------------
+__all__ += ["OperatorNormModule"]
+
+#: The evaluation norms of :class:`OperatorNormModule`.
+EVAL_NORMS = ("sound", "power")
+
+
+def _official_unit(x):
+    """``x / (sqrt(sum x^2) + 1e-12)``: the normalisation of the official power iteration."""
+    return x / (x.square().sum().sqrt() + 1e-12)
+
+
+class OperatorNormModule(torch.nn.Module):
+    r"""Base class of the layers built on one linear operator ``W`` whose spectral norm they use.
+
+    A subclass holds a ``weight`` parameter and a buffer ``u`` (the persistent vector, shaped as one
+    input of ``W``), and defines :meth:`operator` (``x -> W x``), :meth:`adjoint` (``y -> W^T y``, its
+    exact adjoint) and :meth:`norm_upper_bound` (a guaranteed upper bound of ``||W||_2``, computed
+    now); :meth:`norm_key` when the norm depends on more than the weight (a convolution's input size).
+
+    * **training mode**: :meth:`spectral_norm` is one power-iteration step from ``u`` (``u`` advances,
+      the estimate ``||W u||`` is differentiable in ``W``): a *lower* estimate (Miyato et al., 2018).
+    * **evaluation mode**: :meth:`eval_spectral_norm`, cached together with a copy of the weight it
+      was computed from, and recomputed whenever the weight differs from that copy (``torch.equal``),
+      however it changed: optimizer steps (fused, foreach, compiled: those need not bump the
+      version counter), ``load_state_dict``, in-place or ``.data`` edits. ``eval_norm="sound"``
+      (default): :meth:`norm_upper_bound`, so a layer normalised by it is provably 1-Lipschitz.
+      ``eval_norm="power"``: the official code's evaluation (Meunier et al., 2022): ``n_eval_iter``
+      iterations ``v = W u / ||W u||``, ``u = W^T v / ||W^T v||`` from the persistent vector, which
+      they advance, and the estimate ``<W u, v>``; a lower estimate, for comparisons only.
+
+    The sound norms run in float64 (on the CPU for MPS tensors), without autocast and with TF32 off
+    (:func:`~cpl_mini.precision.ieee_precision`).
+    """
+
+    def __init__(self, eval_norm: str = "sound", n_eval_iter: int = 100):
+        super().__init__()
+        if eval_norm not in EVAL_NORMS:
+            raise ValueError(f"eval_norm must be one of {EVAL_NORMS}, got {eval_norm!r}")
+        self.eval_norm = eval_norm
+        self.n_eval_iter = int(n_eval_iter)
+        self._norm_cache = None  # (key, weight copy, norm) of the last evaluation norm
+
+    # -- what a subclass defines ---------------------------------------------------------------
+    def operator(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W x`` (no bias), with ``W`` = ``weight`` (default: the layer's)."""
+        raise NotImplementedError
+
+    def adjoint(self, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W^T y``, the exact adjoint of :meth:`operator`."""
+        raise NotImplementedError
+
+    def norm_upper_bound(self) -> torch.Tensor:
+        """A guaranteed upper bound of ``||W||_2`` for the weight held now (float64 0-dim tensor)."""
+        raise NotImplementedError
+
+    def norm_key(self) -> tuple:
+        """What the norm depends on besides the weight (part of the cache key); default nothing."""
+        return ()
+
+    # -- power iteration -----------------------------------------------------------------------
+    def _norm_weight(self):
+        w = self.weight
+        return w if w.dtype in (torch.float32, torch.float64) else w.float()
+
+    def _power_norm(self, n_iter, update):
+        w = self._norm_weight()
+        u = self.u.to(w.dtype)
+        sigma, u_new = power_iteration(lambda x: self.operator(x, w), lambda y: self.adjoint(y, w), u, n_iter)
+        if update:
+            with torch.no_grad():
+                self.u.copy_(u_new)
+        return sigma
+
+    def power_estimate(self, n_iter: int = 1, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The power-iteration estimate ``||W x_n||`` of ``||W||_2`` after ``n_iter`` iterations from
+        ``start`` (default: the persistent vector ``u``), as :func:`power_iteration` computes it.
+
+        Changes nothing: the buffer ``u`` is left as it is. ``start`` has the shape of ``u``
+        (``(1, d)`` dense, ``(1, C, H, W)`` convolution). Returns a detached 0-dim tensor in the
+        weight's dtype (float32 for lower precisions), a *lower* estimate of the norm.
+        """
+        x0 = self.u if start is None else start
+        if tuple(x0.shape) != tuple(self.u.shape):
+            raise ValueError(f"start must have the shape of the persistent vector {tuple(self.u.shape)}, "
+                             f"got {tuple(x0.shape)}")
+        w = self._norm_weight().detach()
+        x0 = x0.detach().to(device=w.device, dtype=w.dtype)
+        with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
+            sigma, _ = power_iteration(lambda x: self.operator(x, w), lambda y: self.adjoint(y, w), x0,
+                                       n_iter)
+        return sigma
+
+    def _official_power_norm(self, n_iter):
+        """The official evaluation estimate; advances ``u`` by ``n_iter`` iterations."""
+        if n_iter < 1:
+            raise ValueError(f"eval_norm='power' needs n_eval_iter >= 1, got {n_iter}")
+        w = self._norm_weight().detach()
+        u = self.u.to(w.dtype)
+        for _ in range(n_iter):
+            v = _official_unit(self.operator(u, w))
+            u = _official_unit(self.adjoint(v, w))
+        sigma = (self.operator(u, w) * v).sum()
+        self.u.copy_(u)
+        return sigma
+
+    # -- the norm of each mode -----------------------------------------------------------------
+    def _cache_key(self):
+        return (self.eval_norm, self.n_eval_iter) + tuple(self.norm_key())
+
+    def _cached_norm(self):
+        """The cached norm if it was computed for exactly the weight the layer holds now, else None.
+
+        The cache keeps a copy of the weight and compares it element by element (``torch.equal``):
+        version counters are not enough (fused and compiled optimizers update weights without
+        bumping them, ``.data`` edits never do), and the comparison costs one pass over the weight.
+        """
+        entry = self._norm_cache
+        if entry is None or entry[0] != self._cache_key():
+            return None
+        _, weight, value = entry
+        w = self.weight.detach()
+        if weight.shape != w.shape or weight.dtype != w.dtype or weight.device != w.device:
+            return None
+        return value if torch.equal(weight, w) else None
+
+    def reset_norm_cache(self) -> None:
+        """Forget the cached evaluation norm (never needed for soundness: the cache checks the weight)."""
+        self._norm_cache = None
+
+    def eval_spectral_norm(self) -> torch.Tensor:
+        """The norm used in evaluation mode: a float64 0-dim tensor (on the CPU for MPS weights).
+
+        Cached with a copy of the weight it was computed from; recomputed whenever the weight differs
+        from that copy, however it was changed.
+        """
+        value = self._cached_norm()
+        if value is None:
+            with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False), ieee_precision():
+                if self.eval_norm == "sound":
+                    value = self.norm_upper_bound()
+                else:
+                    value = self._official_power_norm(self.n_eval_iter)
+            value = value.detach().to(device=float64_device(self.weight.device), dtype=torch.float64)
+            self._norm_cache = (self._cache_key(), self.weight.detach().clone(), value)
+        return value
+
+    def sound_spectral_norm(self) -> torch.Tensor:
+        """A guaranteed upper bound of ``||W||_2`` (float64), whatever ``eval_norm`` is."""
+        if self.eval_norm == "sound":
+            return self.eval_spectral_norm()
+        with torch.no_grad(), ieee_precision():
+            return self.norm_upper_bound()
+
+    def spectral_norm(self) -> torch.Tensor:
+        """The norm of the current mode: the training estimate (one power step, ``u`` advances,
+        differentiable) or the cached evaluation norm."""
+        if self.training:
+            if self.eval_norm == "power":
+                self._norm_cache = None  # the official evaluation restarts after each training step
+            with torch.autocast(self.weight.device.type, enabled=False):
+                return self._power_norm(1, update=True)
+        return self.eval_spectral_norm()
+
+    # names kept for code written against earlier versions: prefer operator() and adjoint()
+    def _op(self, x, weight):
+        return self.operator(x, weight)
+
+    def _op_adjoint(self, y, weight):
+        return self.adjoint(y, weight)

@@ -28,3 +28,37 @@ def cifar_root():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+#: Devices the property tests run on: the CPU always, CUDA when present (as torchdiffeq's tests do).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: Floating dtypes the property tests run in.
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each available device in turn (``cpu``, then ``cuda`` on a machine with a GPU)."""
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=DTYPES, ids=["float32", "float64"])
+def dtype(request):
+    """float32 and float64 in turn."""
+    return request.param
+
+
+@pytest.fixture
+def tol(dtype):
+    """Relative tolerance of a computation in ``dtype`` on inputs of size ~1 (rounding of a few dozen ops)."""
+    return {torch.float32: 2e-5, torch.float64: 1e-9}[dtype]
+
+
+@pytest.fixture
+def ieee():
+    """Run the test with TF32 off (cuDNN convolutions use TF32 by default on Ampere and later GPUs): the
+    property tests check IEEE arithmetic, the arithmetic certification runs in."""
+    from cpl_mini.precision import ieee_precision
+
+    with ieee_precision():
+        yield

@@ -66,7 +66,8 @@ def _cifar_8x8(root):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ArchiveChecksumWarning)  # the offline copy is a known JPEG decode
         data = load_cifar("cifar10", root=root, download=False)
-    train = DeviceLoader(data.train_images, data.train_labels, 2000, train=False, limit=2000, channels_last=False)
+    train = DeviceLoader(data.train_images, data.train_labels, 2000, train=False, limit=2000,
+                         channels_last=False)
     test = DeviceLoader(data.test_images, data.test_labels, 200, train=False, mean=train.mean, limit=200,
                         channels_last=False)
     (xtr, ytr), (xte, yte) = next(iter(train)), next(iter(test))
@@ -240,7 +241,8 @@ def test_pgd_in_eval_mode_does_not_touch_the_power_iteration_vector():
     x, y = _prototype_images(8)
     pgd_l2(model, x, y, 0.5, steps=3, restarts=2)
     assert model.training
-    assert all(torch.equal(a, b) for a, b in zip(u, [b for n, b in model.named_buffers() if n.endswith(".u")]))
+    after = [b for n, b in model.named_buffers() if n.endswith(".u")]
+    assert all(torch.equal(a, b) for a, b in zip(u, after))
 
 
 def test_clear_errors(trained_mlp):
@@ -260,3 +262,30 @@ def test_clear_errors(trained_mlp):
         pgd_l2(model, x, y, 1.0, loss="hinge")
     with pytest.raises(ValueError, match="labels"):
         pgd_l2(model, x, y[:2], 1.0)
+
+
+def test_attacks_run_in_ieee_float32():
+    """PGD evaluates the same function the certificate is computed for: float32 without TF32 (the switches
+    exist on CPUs too), whatever the caller enabled, and the caller's setting comes back afterwards."""
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return self.lin(x)
+
+    model = Probe()
+    x, y = torch.randn(6, 4), torch.zeros(6, dtype=torch.long)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        pgd_l2(model, x, y, 0.5, steps=2)
+        minimal_adversarial_l2(model, x, y, steps=2, search_steps=1, max_doublings=1, shrink_steps=1)
+        after = torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen and not any(seen) and after is True

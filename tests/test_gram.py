@@ -10,8 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpl_mini.spectral import (ROUNDING_MARGIN, conv_operator, conv_spectral_norm_fft, conv_spectral_norm_upper,
-                               gram_iteration_conv, gram_iteration_dense, power_iteration)
+from cpl_mini.spectral import (
+    ROUNDING_MARGIN,
+    conv_operator,
+    conv_spectral_norm_fft,
+    conv_spectral_norm_upper,
+    gram_iteration_conv,
+    gram_iteration_dense,
+    power_iteration,
+)
 
 ITERS = (0, 1, 2, 3, 4, 6, 8)
 
@@ -42,7 +49,8 @@ def random_matrix(g, kind, m, n):
         w = torch.randn(m, n, generator=g, dtype=torch.float64)
     elif kind == "low_rank":
         r = max(1, min(m, n) // 3)
-        w = torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64)
+        a = torch.randn(m, r, generator=g, dtype=torch.float64)
+        w = a @ torch.randn(r, n, generator=g, dtype=torch.float64)
     elif kind == "flat":  # all singular values nearly equal: the slowest case for Gram iteration
         q1, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
         q2, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
@@ -184,7 +192,8 @@ def test_conv_matches_a_naive_reference(cout, cin, k, size, padding):
         for _ in range(t):
             g = g.mH @ g
         naive = (torch.linalg.matrix_norm(g) ** (1 / 2 ** t)).max()
-        assert torch.isclose(gram_iteration_conv(kernel, size, padding, n_iter=t), naive, rtol=2e-9), t  # margin 1e-9
+        bound = gram_iteration_conv(kernel, size, padding, n_iter=t)
+        assert torch.isclose(bound, naive, rtol=2e-9), t  # margin 1e-9
 
 
 @pytest.mark.parametrize("shape,n", [((5, 16, 3, 3), 32), ((5, 45, 3, 3), 32), ((16, 16, 3, 3), 16),

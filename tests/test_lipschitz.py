@@ -49,7 +49,10 @@ def _product_of_norms(model):
 @pytest.mark.parametrize("known", [True, False])
 def test_all_estimators_recover_the_norm_of_a_linear_map(known):
     m, d = 7, 5
-    A = _matrix_with_singular_values([3.0, 1.5, 1.0, 0.5, 0.2], m, d) if known else torch.randn(m, d, dtype=DT)
+    if known:
+        A = _matrix_with_singular_values([3.0, 1.5, 1.0, 0.5, 0.2], m, d)
+    else:
+        A = torch.randn(m, d, dtype=DT)
     norm = torch.linalg.svdvals(A)[0].item()
     if known:
         assert norm == pytest.approx(3.0, rel=1e-12)

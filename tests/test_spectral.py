@@ -1,10 +1,26 @@
-"""cpl_mini.spectral against independent references: explicit operator matrices and SVD, float64."""
+"""cpl_mini.spectral against independent references: explicit operator matrices and SVD, float64; and the
+evaluation-norm cache of OperatorNormModule against every way of changing a weight."""
+import copy
+import math
+from fractions import Fraction
+
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from cpl_mini.spectral import (conv_operator, conv_spectral_norm_fft, conv_spectral_norm_upper,
-                               dense_spectral_norm, dense_spectral_norm_upper, power_iteration)
+from cpl_mini.bounds import lipschitz_upper_bound
+from cpl_mini.certify import network_lipschitz
+from cpl_mini.layers import ConvexPotentialConv2d, ConvexPotentialLinear
+from cpl_mini.normalized import SpectralNormLinear
+from cpl_mini.spectral import (
+    conv_operator,
+    conv_spectral_norm_fft,
+    conv_spectral_norm_upper,
+    dense_spectral_norm,
+    dense_spectral_norm_upper,
+    power_iteration,
+)
 
 
 def explicit_matrix(fn, in_shape):
@@ -81,7 +97,7 @@ def test_upper_bound_is_above_explicit_zero_padded_norm(cout, cin, k, n):
 
 
 def test_upper_bound_is_tight_at_cifar_size():
-    """At 32x32 the bound sits within a few percent of the true norm (power iteration, 2000 steps, below it)."""
+    """At 32x32 the bound sits within a few percent of the true norm (power iteration, 2000 steps, below)."""
     kernel = torch.randn(5, 16, 3, 3, dtype=torch.float64)
     op, adj = conv_operator(kernel)
     lower, _ = power_iteration(op, adj, torch.randn(1, 16, 32, 32, dtype=torch.float64), n_iter=2000)
@@ -106,3 +122,142 @@ def test_bad_kernel_shapes():
         conv_spectral_norm_fft(torch.randn(3, 3, 3), 8)
     with pytest.raises(ValueError, match="smaller than the kernel"):
         conv_spectral_norm_fft(torch.randn(2, 2, 5, 5), 3)
+
+
+def test_upper_bound_where_the_unenlarged_circular_norm_fails():
+    """Kernel [1, -1, 1] x [1, -1, 1] on 5x5 (chapter 6): its symbol peaks at a frequency the 5-grid
+    misses, so the circular norm on the n x n grid itself is *below* the zero-padded norm (1 + sqrt 3)^2.
+    Random kernels never show it; this one is where the bound's claim is sharp."""
+    row = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    kernel = torch.outer(row, row)[None, None]
+    exact = svd_norm(explicit_matrix(lambda x: F.conv2d(x, kernel, padding=1), (1, 1, 5, 5)))
+    assert exact.item() == pytest.approx((1 + math.sqrt(3)) ** 2, rel=1e-12)
+    assert conv_spectral_norm_fft(kernel, 5) < exact  # the n x n grid is not a bound
+    assert conv_spectral_norm_upper(kernel, 5) >= exact
+
+
+# ---------------------------------------------------------------------------------------------
+# OperatorNormModule: the evaluation norm follows the weights, however they change
+# ---------------------------------------------------------------------------------------------
+def _make(kind):
+    if kind == "dense":
+        return ConvexPotentialLinear(6, 4), (8, 6)
+    if kind == "conv":
+        return ConvexPotentialConv2d(3, 2, input_size=(6, 6)), (8, 3, 6, 6)
+    return SpectralNormLinear(6, 5), (8, 6)
+
+
+def _fresh_bound(layer):
+    """The sound norm computed from scratch with the spectral functions, for the weight held now."""
+    if isinstance(layer, ConvexPotentialConv2d):
+        return conv_spectral_norm_upper(layer.weight, layer.input_size)
+    return dense_spectral_norm_upper(layer.weight)
+
+
+def _optimizer_steps(layer, shape, **kw):
+    opt = torch.optim.Adam(layer.parameters(), lr=1.0, **kw)
+    layer.train()
+    for _ in range(5):
+        opt.zero_grad()
+        (layer(torch.randn(shape)) ** 2).sum().mul(-1).backward()  # push the weights outward
+        opt.step()
+
+
+def _update(how, layer, shape):
+    if how == "fused_adam":  # does not bump the parameters' version counters
+        _optimizer_steps(layer, shape, fused=True)
+    elif how == "foreach_adam":
+        _optimizer_steps(layer, shape, foreach=True)
+    elif how == "bf16_autocast_fused_adam":  # a bf16-trained layer (mixed precision)
+        opt = torch.optim.Adam(layer.parameters(), lr=1.0, fused=True)
+        layer.train()
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = -(layer(torch.randn(shape)) ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    elif how == "data_edit":  # behind autograd's back
+        layer.weight.data.mul_(7.0)
+    elif how == "data_assign":
+        layer.weight.data = layer.weight.data * 7.0
+    elif how == "load_state_dict":
+        other = copy.deepcopy(layer)
+        with torch.no_grad():
+            other.weight.mul_(7.0)
+        layer.load_state_dict(other.state_dict())
+    elif how == "inplace":
+        with torch.no_grad():
+            layer.weight.mul_(7.0)
+    else:
+        raise ValueError(how)
+
+
+UPDATES = ["fused_adam", "foreach_adam", "bf16_autocast_fused_adam", "data_edit", "data_assign",
+           "load_state_dict", "inplace"]
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "spectral_norm"])
+@pytest.mark.parametrize("how", UPDATES)
+def test_eval_norm_follows_every_kind_of_weight_update(kind, how):
+    """After the update the eval-mode layer must use the norm of the weight it holds (5 fused Adam steps
+    once left a dense layer at a cached 1.07 for a true 13.06), and the certificates must see it."""
+    torch.manual_seed(0)
+    layer, shape = _make(kind)
+    layer.eval()
+    before = layer.eval_spectral_norm().item()
+    lipschitz_upper_bound(layer)  # fills every cache
+    _update(how, layer, shape)
+    layer.eval()
+    fresh = _fresh_bound(layer).item()
+    assert fresh != pytest.approx(before, rel=1e-3)  # the update did change the norm
+    assert layer.eval_spectral_norm().item() == fresh
+    w = layer.weight.detach().double()
+    if w.dim() == 2:
+        exact = svd_norm(w).item()
+    else:
+        exact = svd_norm(explicit_matrix(lambda v: F.conv2d(v, w, padding=1), (1, *shape[1:]))).item()
+    if kind == "spectral_norm":  # the matrix the eval-mode forward applies has norm <= 1
+        applied = layer.weight_matrix().detach().double()
+        assert torch.linalg.svdvals(applied)[0].item() <= 1.0
+    else:  # h ||W||^2 <= 2 for the weight held now: 1-Lipschitz
+        assert Fraction(layer.step_size().item()) * Fraction(exact) ** 2 <= 2
+    net = nn.Sequential(layer).eval()
+    assert lipschitz_upper_bound(net) <= 1.0 + 2e-9
+    assert network_lipschitz(net)[0] <= 1.0 + 2e-9
+
+
+def test_eval_norm_is_cached_while_nothing_changes(monkeypatch):
+    layer = ConvexPotentialConv2d(3, 2, input_size=(6, 6)).eval()
+    calls = []
+    original = layer.norm_upper_bound
+    monkeypatch.setattr(layer, "norm_upper_bound", lambda: calls.append(1) or original())
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(3):
+        layer(x)
+    layer.lipschitz_bound()
+    assert len(calls) == 1
+    layer.train()
+    layer(x)  # a training forward that does not change the weight
+    layer.eval()
+    layer(x)
+    assert len(calls) == 1
+    layer.input_size = (7, 7)  # the norm depends on the input size: recomputed
+    assert layer.eval_spectral_norm().item() == conv_spectral_norm_upper(layer.weight, (7, 7)).item()
+    assert len(calls) == 2
+
+
+def test_eval_norm_runs_in_ieee_float32(monkeypatch):
+    """The sound norm is computed with TF32 off, whatever the caller set (the flags exist on CPUs too)."""
+    layer = SpectralNormLinear(5, 4).eval()
+    seen = []
+    original = layer.norm_upper_bound
+    monkeypatch.setattr(layer, "norm_upper_bound", lambda: seen.append(torch.backends.cuda.matmul.allow_tf32)
+                        or original())
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        layer.eval_spectral_norm()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen == [False]
