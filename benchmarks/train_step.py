@@ -16,14 +16,18 @@ default allocator while cpl_mini's variants call :func:`cpl_mini.allocator.tune_
 ``plain``       the paper's formula written out below (:class:`PlainCPLConv`, :class:`PlainCPLDense`):
                 NCHW float32, ``conv2d`` then ``conv_transpose2d``, one power iteration a step with a
                 persistent vector, glibc defaults, no channels-last, no autocast
-``default``     cpl_mini's training path as ``python -m cpl_mini.train`` runs it: allocator tuned (CPU),
-                layout ``use_channels_last("auto")`` (channels-last on CUDA and AVX-512 CPUs, else NCHW),
-                autocast ``auto`` (bf16 on CUDA and on CPUs with avx512_bf16, else float32)
+``default``     cpl_mini's training path as ``python -m cpl_mini.train`` runs it, eager: the network with its
+                input normalisation layer, allocator tuned (CPU), layout ``use_channels_last("auto")``
+                (channels-last on CUDA and CPUs), autocast ``auto`` (bf16 on CUDA compute capability >= 8.0
+                and on CPUs with avx512_bf16 or amx_bf16, fp16 on older GPUs, else float32), the step of
+                :func:`cpl_mini.train.make_train_step`
 ``f32-nchw``    cpl_mini, allocator tuned, NCHW, float32
 ``f32-cl``      cpl_mini, allocator tuned, channels-last, float32
 ``bf16-cl``     cpl_mini, allocator tuned, channels-last, bf16 autocast (forced; very slow on CPUs
                 without avx512_bf16, where autocast ``auto`` never picks it)
-``compile``     ``default`` plus ``torch.compile`` of the step (``--compile`` adds it; compile time reported)
+``compile``     ``default`` plus ``torch.compile`` of the step (``--compile`` adds it; the first step, with
+                the compile time, reported apart): what ``python -m cpl_mini.train --compile auto`` (the
+                default) switches to when the run is long enough to repay the compile time
 ``certify``     the certification timing only (cpl_mini, float32, layout as ``default``)
 ==============  ===========================================================================================
 
@@ -173,8 +177,8 @@ def _peak_memory_mib(dev):
 
 def run_variant(name, args):
     """Measure one variant in this process; returns a dict."""
-    from cpl_mini.models import SIZES, count_parameters, cpl_network
-    from cpl_mini.train import _make_step, autocast_dtype, use_channels_last
+    from cpl_mini.models import SIZES, count_parameters, cpl_network, use_channels_last
+    from cpl_mini.train import autocast_dtype, make_train_step
 
     dev = torch.device(args.device)
     if args.threads:
@@ -191,7 +195,7 @@ def run_variant(name, args):
         from cpl_mini.certify import certified_accuracy
 
         cl = use_channels_last("auto", dev)
-        model = cpl_network(size).to(dev).eval()
+        model = cpl_network(size, mean=torch.zeros(3)).to(dev).eval()
         if cl:
             model = model.to(memory_format=torch.channels_last)
         x, y = _random_batch(args.certify_n, dev, 1, channels_last=cl)
@@ -209,8 +213,8 @@ def run_variant(name, args):
         t = time.perf_counter()
         res = certified_accuracy(model, (x, y), batch_size=args.infer_batch)
         _sync(dev)
-        out.update(certify_s=time.perf_counter() - t, norms_s=t_norm, certify_n=args.certify_n, channels_last=cl,
-                   lipschitz=res["lipschitz"], parameters=count_parameters(model),
+        out.update(certify_s=time.perf_counter() - t, norms_s=t_norm, certify_n=args.certify_n,
+                   channels_last=cl, lipschitz=res["lipschitz"], parameters=count_parameters(model),
                    peak_mem_mib=_peak_memory_mib(dev))
         return out
 
@@ -218,7 +222,7 @@ def run_variant(name, args):
         model = PlainCPLNet(*SIZES[size]).to(dev)
         channels_last, amp = False, None
     else:
-        model = cpl_network(size).to(dev)
+        model = cpl_network(size, mean=torch.zeros(3)).to(dev)  # the training network: normalisation first
         channels_last = name in ("f32-cl", "bf16-cl") or (
             name in ("default", "compile") and use_channels_last("auto", dev))
         amp = {"default": autocast_dtype(dev, "auto"), "compile": autocast_dtype(dev, "auto"),
@@ -237,8 +241,8 @@ def run_variant(name, args):
             loss.backward()
             opt.step()
     else:
-        scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None  # GPUs without bf16
-        step_fn = _make_step(model, opt, 0.7, amp, dev, scaler)
+        scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None  # GPUs before Ampere
+        step_fn = make_train_step(model, opt, 0.7, amp, dev, scaler)
         if name == "compile":
             step_fn = torch.compile(step_fn)
 
@@ -255,7 +259,7 @@ def run_variant(name, args):
         model.eval()
         xi, _ = _random_batch(args.infer_batch, dev, 2, channels_last)
         with torch.no_grad():
-            model(xi[:2])  # norms computed and cached (sound FFT / SVD for cpl_mini, 100 iterations for plain)
+            model(xi[:2])  # norms cached (sound FFT / SVD for cpl_mini, 100 iterations for plain)
 
             def infer():
                 model(xi)
@@ -270,21 +274,14 @@ def run_variant(name, args):
 # driver
 # ---------------------------------------------------------------------------------------------
 def machine(dev):
+    from cpl_mini.train import cpu_info
+
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                text = f.read()
-            for line in text.splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-            flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni") if f" {f}" in text]
-            name += f" [{', '.join(flags) or 'no avx512'}]"
-        except OSError:
-            pass
+        name, cpu_flags = cpu_info()
+        flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni") if f in cpu_flags]
+        name += f" [{', '.join(flags) or 'no avx512'}]"
     return (f"{name} | {os.cpu_count()} logical CPUs | torch {torch.__version__} threads "
             f"{torch.get_num_threads()} | Python {platform.python_version()}")
 
@@ -309,22 +306,24 @@ def table(results, args):
         inf = _fmt(r.get("infer_img_s"), ".0f")
         if base_i and r.get("infer_img_s"):
             inf += f" ({r['infer_img_s'] / base_i:.2f}x)"
-        extra = f" (first step {r['first_step_s']:.0f} s)" if r["variant"] == "compile" and r.get("first_step_s") else ""
+        compiled = r["variant"] == "compile" and r.get("first_step_s")
+        extra = f" (first step {r['first_step_s']:.0f} s)" if compiled else ""
         lines.append(f"| {r['variant']}{extra} | {r['autocast']} | {'yes' if r['channels_last'] else 'no'} | "
-                     f"{r['train_img_s']:.1f} | {r['epoch_s']:.0f} | {up} | {inf} | {_fmt(r.get('peak_mem_mib'), '.0f')} |")
+                     f"{r['train_img_s']:.1f} | {r['epoch_s']:.0f} | {up} | {inf} | "
+                     f"{_fmt(r.get('peak_mem_mib'), '.0f')} |")
     for r in results:
         if r["variant"] == "certify" and "error" not in r:
             lines.append("")
             layout = "channels-last" if r.get("channels_last") else "NCHW"
             lines.append(f"Certification of {r['certify_n']} images (sound norms, float32, {layout}, batch "
-                         f"{args.infer_batch}): {r['certify_s']:.1f} s in all, of which {r['norms_s']:.1f} s for the "
-                         f"sound norms of all layers (Lipschitz bound {r['lipschitz']:.6f}).")
+                         f"{args.infer_batch}): {r['certify_s']:.1f} s in all, of which {r['norms_s']:.1f} s "
+                         f"for the sound norms of all layers (Lipschitz bound {r['lipschitz']:.6f}).")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="S", help="XS, S, M, L, XL (default S)")
+    p.add_argument("--size", default="S", help="XS, CPU, S, M, L, XL (default S)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
     p.add_argument("--batch", type=int, default=256)
@@ -365,8 +364,8 @@ def main(argv=None):
     if bad:
         p.error(f"unknown variants {bad}; choose from {ALL_VARIANTS}")
     print(f"machine: {machine(dev)}")
-    print(f"network CPL-{args.size.upper()}, batch {args.batch}, {args.steps} timed steps after {args.warmup} "
-          f"warm-up, random data of CIFAR shape; each variant in its own process", flush=True)
+    print(f"network CPL-{args.size.upper()}, batch {args.batch}, {args.steps} timed steps after "
+          f"{args.warmup} warm-up, random data of CIFAR shape; each variant in its own process", flush=True)
     results = []
     for v in variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", v] + [
@@ -385,7 +384,8 @@ def main(argv=None):
         if "error" in res:
             print(f"  {v}: FAILED {res['error']}", flush=True)
         elif v == "certify":
-            print(f"  {v}: {res['certify_s']:.1f} s for {res['certify_n']} images (norms {res['norms_s']:.1f} s)", flush=True)
+            print(f"  {v}: {res['certify_s']:.1f} s for {res['certify_n']} images "
+                  f"(norms {res['norms_s']:.1f} s)", flush=True)
         else:
             print(f"  {v}: {res['train_img_s']:.1f} train img/s, inference "
                   f"{_fmt(res.get('infer_img_s'), '.0f')} img/s ({res['process_s']:.0f} s)", flush=True)

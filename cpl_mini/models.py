@@ -1,17 +1,30 @@
 """The CPL networks of the paper (sizes S, M, L, XL), the book's CPU network and a small XS for tests.
 
-Architecture (as in the official code): zero-pad the 3 input channels to ``C``; ``depth``
+Architecture (as in the official code): optionally an input normalisation ``(u - mean) / std``
+(:class:`~cpl_mini.normalization.InputNormalization`, Lipschitz ``1 / min(std)``, 1 without std);
+zero-pad the 3 input channels to ``C``; ``depth``
 convolutional CPL layers at full resolution (inner width 5, kernel 3); a norm-1 average pool
 (``4 x 4`` windows, sum / 4) to 8 x 8; flatten; ``depth_linear`` dense CPL layers on ``C * 64``
 features with inner width ``features``; the first ``num_classes`` coordinates as logits. Every piece
-is 1-Lipschitz in evaluation mode, so the whole network is (``lipschitz_upper_bound`` returns 1).
+is 1-Lipschitz in evaluation mode, so the whole network is (``lipschitz_upper_bound`` returns 1, times
+the normalisation's constant when there is one).
 """
+from typing import List, Sequence, Tuple, Union
+
+import torch
 import torch.nn as nn
 
-from .layers import (ChannelPad, ConvexPotentialConv2d, ConvexPotentialLinear, FirstCoordinates,
-                     LipschitzAvgPool2d, RowNormalizedLinear)
+from .layers import (
+    ChannelPad,
+    ConvexPotentialConv2d,
+    ConvexPotentialLinear,
+    FirstCoordinates,
+    LipschitzAvgPool2d,
+    RowNormalizedLinear,
+)
+from .normalization import InputNormalization
 
-__all__ = ["SIZES", "cpl_network", "count_parameters", "describe"]
+__all__ = ["SIZES", "cpl_network", "count_parameters", "describe", "use_channels_last"]
 
 #: name -> (conv CPL layers, dense CPL layers, channels C, dense inner width). S, M, L and XL are the
 #: paper's sizes (from the authors' code); XS (for tests) and CPU (the book's CPU run) are this package's.
@@ -27,8 +40,9 @@ SIZES = {
 }
 
 
-def cpl_network(size="S", num_classes=10, conv_inner=5, kernel_size=3, input_size=32, in_channels=3,
-                pool=4, head="first", **layer_kwargs):
+def cpl_network(size: Union[str, Sequence[int]] = "S", num_classes: int = 10, conv_inner: int = 5,
+                kernel_size: int = 3, input_size: int = 32, in_channels: int = 3, pool: int = 4,
+                head: str = "first", mean=None, std=None, **layer_kwargs) -> nn.Sequential:
     """Build a CPL network as an ``nn.Sequential`` (input ``(N, 3, 32, 32)``, output ``(N, num_classes)``).
 
     Args:
@@ -38,6 +52,9 @@ def cpl_network(size="S", num_classes=10, conv_inner=5, kernel_size=3, input_siz
         conv_inner: inner width of the convolutional CPL layers (5 in the paper).
         head: ``"first"`` (first ``num_classes`` coordinates, the paper's default) or ``"lln"``
             (a row-normalised linear layer; certify pairwise).
+        mean, std: per-channel statistics (``in_channels`` values each) of the training pictures; when
+            ``mean`` is given the first layer is ``InputNormalization(mean, std)`` and the network takes
+            raw pixels (its Lipschitz bound then includes ``1 / min(std)``). ``std=None``: subtract only.
         layer_kwargs: passed to every CPL layer (e.g. ``eval_norm="power"``).
     """
     if isinstance(size, str):
@@ -59,28 +76,32 @@ def cpl_network(size="S", num_classes=10, conv_inner=5, kernel_size=3, input_siz
     flat = channels * (input_size // pool) ** 2
     if head == "first" and flat < num_classes:
         raise ValueError(f"{flat} features cannot hold {num_classes} logits")
-    layers = [ChannelPad(channels)]
-    layers += [ConvexPotentialConv2d(channels, conv_inner, kernel_size, (input_size, input_size), **layer_kwargs)
-               for _ in range(depth)]
+    if std is not None and mean is None:
+        raise ValueError("std without mean: pass mean too (mean=torch.zeros(3) to divide only)")
+    layers = [] if mean is None else [InputNormalization(mean, std)]
+    if layers and layers[0].channels != in_channels:
+        raise ValueError(f"mean has {layers[0].channels} values, the input has {in_channels} channels")
+    layers += [ChannelPad(channels)]
+    layers += [ConvexPotentialConv2d(channels, conv_inner, kernel_size, (input_size, input_size),
+                                     **layer_kwargs) for _ in range(depth)]
     layers += [LipschitzAvgPool2d(pool), nn.Flatten()]
     layers += [ConvexPotentialLinear(flat, features, **layer_kwargs) for _ in range(depth_linear)]
     layers += [FirstCoordinates(num_classes) if head == "first" else RowNormalizedLinear(flat, num_classes)]
     model = nn.Sequential(*layers)
     model.config = {"size": name, "depth": depth, "depth_linear": depth_linear, "channels": channels,
                     "features": features, "conv_inner": conv_inner, "kernel_size": kernel_size,
-                    "input_size": input_size, "num_classes": num_classes, "head": head}
+                    "input_size": input_size, "num_classes": num_classes, "head": head,
+                    "input_normalization": None if mean is None else ("mean" if std is None else "mean_std")}
     return model
 
 
-def count_parameters(model):
+def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def describe(model):
+def describe(model: nn.Sequential) -> List[Tuple[int, str, Tuple[int, ...], int]]:
     """Rows ``(index, layer, output shape, parameters)`` for a table of the network's layers."""
-    import torch
-
     cfg = getattr(model, "config", {})
     n = cfg.get("input_size", 32)
     x = torch.zeros(1, 3, n, n, device=next(model.parameters()).device)
@@ -94,3 +115,24 @@ def describe(model):
             rows.append((i, type(layer).__name__, tuple(x.shape[1:]), params))
     model.train(was_training)
     return rows
+
+
+def use_channels_last(setting: Union[str, bool, None], device: Union[str, torch.device]) -> bool:
+    """Resolve a ``channels_last`` setting (``"auto"``, ``"on"``/``"off"`` or a bool) for ``device``.
+
+    ``"auto"`` means the layout that measured faster for these networks: channels-last on GPUs and
+    CPUs (1.1-1.3x on training and 1.4x on inference for channel counts that are multiples of 16;
+    ``benchmarks/RESULTS.md`` has the one case, S with 45 channels on an AVX2-only CPU, where NCHW won),
+    NCHW elsewhere (MPS).
+    """
+    if setting is None or setting == "auto":
+        return torch.device(device).type in ("cuda", "cpu")
+    if isinstance(setting, str):
+        if setting.lower() not in _SWITCH:
+            raise ValueError(f"channels_last must be auto, on or off, got {setting!r}")
+        return _SWITCH[setting.lower()]
+    return bool(setting)
+
+
+_SWITCH = {"on": True, "true": True, "yes": True, "1": True,
+           "off": False, "false": False, "no": False, "0": False}

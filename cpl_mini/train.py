@@ -1,139 +1,119 @@
-"""Train a CPL network on CIFAR-10/100 with the paper's recipe; ``python -m cpl_mini.train --help``.
+r"""The training loop of a CPL network on CIFAR-10/100 with the paper's recipe.
 
-Recipe (REFERENCE.md): Adam (lr 1e-3, no weight decay), batch 256, the piecewise-linear schedule
-``[0, 2T/5, 4T/5, T] -> [0, lr, lr/20, 0]`` over the T optimisation steps, the multi-class hinge
-loss ``multi_margin_loss(margin=0.7)``, augmentation by 4-pixel reflect-padded random crops and
-horizontal flips (on the device), mean subtraction.
+Recipe: Adam (lr ``1e-3``, no weight decay), batch 256, the piecewise-linear schedule
+``[0, 2T/5, 4T/5, T] -> [0, lr, lr/20, 0]`` over the ``T`` optimisation steps (:func:`lr_at`), the
+multi-class hinge loss ``multi_margin_loss(margin=0.7)`` (:func:`margin_loss`), augmentation by 4-pixel
+reflect-padded random crops and horizontal flips (on the device). The network takes raw ``[0, 1]``
+pixels: its first layer subtracts the per-channel mean of the training pictures (and divides by their
+std with ``std_normalize``), so the statistics travel with the weights and the certificate includes them.
 
-Fast path (the default): the data set lives on the device; channels-last memory format; bf16
-autocast where the hardware supports it (CUDA with bf16, CPUs with AVX512-BF16) with the norm
-computations in float32; on CPUs the glibc allocator keeps freed memory
-(:func:`cpl_mini.allocator.tune_cpu_allocator`); ``--compile`` adds ``torch.compile``.
+A run, step by step (:func:`train`): set-up (device, autocast dtype, processes); continue the run folder's
+checkpoint when there is one (a finished run is returned as recorded, nothing rewritten); epochs of
+optimisation steps, each returning its mean loss reduced over all processes; after each epoch the
+evaluation of clean and certified accuracy with sound norms in float32 (never compiled), the checkpoint
+and ``results.json`` (:mod:`cpl_mini.runs`). A NaN/inf loss on any process stops every process with a
+clear message, keeping the last good checkpoint.
 
-Every epoch: evaluation of clean and certified accuracy with sound norms (float32), an atomic
-checkpoint (``checkpoint.pt``) and ``results.json``. ``--resume`` continues a run exactly.
-A NaN/inf loss stops the run with a clear message, keeping the last good checkpoint.
-Several processes: ``torchrun --nproc_per_node=N -m cpl_mini.train ...`` (DistributedDataParallel;
-each process takes its shard of every global batch).
+Fast path (the default): the data set lives on the device; channels-last memory format; bf16 autocast
+where the hardware computes in bf16 (CUDA compute capability >= 8.0; CPUs with AVX512-BF16 or AMX-BF16;
+fp16 with a gradient scaler on older GPUs), the norm computations in float32; on CPUs the glibc
+allocator keeps freed memory (:func:`cpl_mini.allocator.tune_cpu_allocator`); ``torch.compile`` of the
+step when the run is long enough to repay it (:func:`compile_decision`).
+
+Several processes: ``torchrun --nproc_per_node=N -m cpl_mini.train ...`` (DistributedDataParallel; each
+process takes its shard of every global batch). Command line: ``python -m cpl_mini.train --help``
+(:mod:`cpl_mini.cli`).
 """
-import argparse
 import contextlib
 import dataclasses
-import json
+import functools
 import math
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
 from .allocator import tune_cpu_allocator
 from .certify import DEFAULT_EPS, certified_accuracy
-from .models import count_parameters, cpl_network
+from .models import count_parameters, use_channels_last
+from .runs import (  # noqa: F401  (book_config, load_run_model: re-exported, they lived here before)
+    CheckpointError,
+    TrainConfig,
+    book_config,
+    check_same_run,
+    load_checkpoint,
+    load_model_state,
+    load_run_model,
+    read_results,
+    resolve_device,
+    run_network,
+    save_checkpoint,
+    write_results,
+)
 
-__all__ = ["TrainConfig", "book_config", "use_channels_last", "lr_at", "margin_loss", "train", "load_checkpoint",
-           "load_run_model",
-           "CheckpointError", "NonFiniteLossError", "main"]
+__all__ = ["lr_at", "margin_loss", "cpu_info", "autocast_dtype", "device_name", "make_train_step",
+           "compile_decision", "train", "main"]
 
-CHECKPOINT_FORMAT = "cpl_mini-checkpoint-v1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: corrupt, truncated, or not written by cpl_mini."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything that defines a run (saved in the checkpoint and in results.json)."""
-    dataset: str = "cifar10"
-    size: str = "S"
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    margin: float = 0.7
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto | bf16 | fp16 | off
-    channels_last: object = "auto"  # "auto" | True | False (see use_channels_last)
-    compile: bool = False
-    augment: bool = True
-    std_normalize: bool = False
-    limit_train: int = None
-    limit_test: int = None
-    eval_every: int = 1
-    out: str = "runs/cifar10-S"
-    data_root: str = None
-    head: str = "first"
-    threads: int = None
+#: torch.compile's measured cost and gain (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, bf16 autocast):
+#: first compiled step 42 s for the CPU network (11 CPL layers) and 92 s for S (27 CPL layers), a
+#: line through both: ``8 s + 3.2 s`` per CPL layer. Steps got faster by 1.34x (CPU network) and 1.24x
+#: (S): the smaller gain, a saving of 19 % of the eager time, is the one assumed.
+COMPILE_COST_S = (8.0, 3.2)
+COMPILE_SAVING = 0.19
+#: Compile only when the expected saving is at least this multiple of the estimated compile cost.
+COMPILE_MARGIN = 2.0
+#: Eager steps timed at the start of a run before ``compile="auto"`` decides (after one warm-up step).
+PROBE_STEPS = 5
 
 
-def book_config(device=None, quick=None, runs_dir="runs"):
-    """The run that the book's CIFAR-10 chapters train (and later certify), by mode and device.
-
-    * quick mode (CI): the tiny ``XS`` network, 2 epochs on 2,048 training and 500 test images;
-    * a CUDA GPU: the paper's ``S`` network, 30 epochs of the full data (the CLI runs the full 200);
-    * otherwise (a CPU): the book's ``CPU`` network, 10 epochs of the full data.
-
-    Calling :func:`train` with it resumes the run folder when it exists, so a finished run is loaded,
-    not retrained.
-    """
-    from .utils import device as pick_device
-    from .utils import quick_mode
-
-    quick = quick_mode() if quick is None else quick
-    device = pick_device() if device is None else torch.device(device)
-    runs_dir = pathlib.Path(runs_dir)
-    if quick:
-        return TrainConfig(size="XS", epochs=2, batch_size=128, limit_train=2048, limit_test=500,
-                           out=str(runs_dir / "cifar10-XS-quick"))
-    if device.type == "cuda":
-        return TrainConfig(size="S", epochs=30, out=str(runs_dir / "cifar10-S-gpu"))
-    return TrainConfig(size="CPU", epochs=10, out=str(runs_dir / "cifar10-CPU"))
-
-
-def lr_at(step, total_steps, lr):
+def lr_at(step: float, total_steps: int, lr: float) -> float:
     """Piecewise-linear schedule: 0 -> lr at 2T/5 -> lr/20 at 4T/5 -> 0 at T, evaluated mid-step."""
     t = total_steps
     return float(np.interp(step + 0.5, [0, 2 * t / 5, 4 * t / 5, t], [0.0, lr, lr / 20, 0.0]))
 
 
-def margin_loss(logits, labels, margin=0.7):
-    """Multi-class hinge loss ``mean_i sum_{j != y_i} max(0, margin - (f_y - f_j)) / K``."""
+def margin_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float = 0.7) -> torch.Tensor:
+    """Multi-class hinge loss ``mean_i sum_{j != y_i} max(0, margin - (f_y - f_j)) / K``.
+
+    ``logits``: ``(N, K)`` (computed in float32), ``labels``: ``(N,)``; returns a scalar.
+    """
     return F.multi_margin_loss(logits.float(), labels, margin=margin)
 
 
-def _cpu_has_bf16():
+# -- the machine -------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> Tuple[str, FrozenSet[str]]:
+    """``(model name, flags)`` of this machine's CPU, from ``/proc/cpuinfo`` read once per process
+    (``platform.processor()`` and no flags where that file does not exist)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())  # the first processor's lines
     except OSError:
-        return False
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return name, frozenset(fields.get("flags", "").split())
 
 
-def use_channels_last(setting, device):
-    """Resolve the ``channels_last`` setting: ``"auto"`` means the layout that measured faster.
+def autocast_dtype(device: torch.device, amp: str = "auto") -> Optional[torch.dtype]:
+    """The autocast dtype for ``device`` (``None`` for float32).
 
-    Channels-last suits the convolution kernels of GPUs and of CPUs (measured 1.1-1.3x on training and
-    1.4x on inference for the book's networks, channel counts multiples of 16; see
-    ``benchmarks/RESULTS.md`` for the one case, S with 45 channels on an AVX2-only CPU, where NCHW won).
+    ``"auto"``: bf16 where the hardware computes in it, that is CUDA compute capability >= 8.0 (Ampere
+    and later; ``torch.cuda.is_bf16_supported()`` also counts emulation, as on a T4 or V100) and CPUs
+    with the ``avx512_bf16`` or ``amx_bf16`` flag; fp16 (with a gradient scaler) on older GPUs; float32
+    elsewhere.
     """
-    if setting == "auto" or setting is None:
-        return torch.device(device).type in ("cuda", "cpu")
-    return bool(setting)
-
-
-def autocast_dtype(device, amp="auto"):
-    """The autocast dtype for ``device`` (``None`` for float32)."""
     if amp == "off":
         return None
     if amp == "bf16":
@@ -141,286 +121,96 @@ def autocast_dtype(device, amp="auto"):
     if amp == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
     if device.type == "cpu":
-        return torch.bfloat16 if _cpu_has_bf16() else None
+        flags = cpu_info()[1]
+        return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else None
     return None
 
 
-def device_name(device):
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and the number of threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    return f"{cpu_info()[0]} ({torch.get_num_threads()} threads)"
 
 
-def _atomic_write_bytes(path, write):
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+# -- set-up ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Setup:
+    """Where and how this process trains: device, process group, autocast dtype, memory layout."""
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    amp_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
-def save_checkpoint(path, model, optimizer, epoch, config, history, step):
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "version": __version__,
-        "config": dataclasses.asdict(config),
-        "epoch": epoch,
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "history": history,
-    }
-    _atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint safely (``weights_only=True``: loading cannot run code); clear errors otherwise."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; train first with `python -m cpl_mini.train --out {path.parent}`")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, foreign pickle with code, ...
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: it is corrupt, truncated or not a cpl_mini checkpoint "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Delete it and train again, "
-            "or resume from another copy.") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a cpl_mini checkpoint (expected format {CHECKPOINT_FORMAT!r}).")
-    return state
-
-
-def _write_results(path, config, history, device, wall, status, n_params, final=None, message=None):
-    results = {
-        "status": status,
-        "message": message,
-        "config": dataclasses.asdict(config),
-        "cpl_mini_version": __version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "device": device_name(device),
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "parameters": n_params,
-        "epochs_completed": len(history),
-        "history": history,
-        "final": final,
-        "wall_time_s": wall,
-    }
-    text = json.dumps(results, indent=2)
-    _atomic_write_bytes(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-    return results
-
-
-def _progress(iterable, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
-
-
-def _dist_info():
+def _set_up(config: TrainConfig) -> _Setup:
+    """Threads, device (checked to exist), allocator, process group (``torchrun`` sets ``WORLD_SIZE``,
+    ``RANK``, ``LOCAL_RANK``), autocast dtype and memory layout for ``config``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
-
-
-def _evaluate(model, test_loader):
-    res = certified_accuracy(model, test_loader, eps=DEFAULT_EPS)
-    return {"clean_acc": res["accuracy"],
-            **{f"cert_{round(e * 255)}": v for e, v in res["certified"].items()}}
-
-
-def train(config, data=None, progress=True, log=print, stop_after_epoch=None):
-    """Run (or resume) a training run; returns the results dict also written to ``results.json``.
-
-    Args:
-        config: a :class:`TrainConfig`.
-        data: an optional already loaded :class:`cpl_mini.data.CifarData` (else read from
-            ``config.data_root``).
-        progress: show tqdm progress bars.
-        stop_after_epoch: stop (as if interrupted) once this epoch is done; calling ``train`` again
-            with the same config resumes from the checkpoint exactly.
-    """
-    from .data import load_cifar
-    from .utils import device as pick_device
-
-    world, rank, local_rank = _dist_info()
-    distributed = world > 1
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and config.batch_size % world:
+        raise ValueError(f"batch size {config.batch_size} must be divisible by the {world} processes")
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.device == "auto":
-        dev = pick_device()
-        if dev.type == "cuda" and distributed:
-            dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(config.device)
+    dev = resolve_device(config.device)
+    if dev.type == "cuda" and world > 1 and dev.index is None:
+        dev = torch.device("cuda", local_rank)
     if dev.type == "cpu":
         tune_cpu_allocator()
-    if distributed:
+    if world > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        if config.batch_size % world:
-            raise ValueError(f"batch size {config.batch_size} must be divisible by the {world} processes")
-    is_main = rank == 0
-
-    out = pathlib.Path(config.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, results_path = out / "checkpoint.pt", out / "results.json"
-
-    torch.manual_seed(config.seed)
-    model = cpl_network(config.size, num_classes=100 if config.dataset == "cifar100" else 10, head=config.head)
-    model.to(dev)
-    channels_last = use_channels_last(config.channels_last, dev)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    history, start_epoch, step = [], 0, 0
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=dev)
-        saved = state["config"]
-        for key in ("size", "dataset", "batch_size", "seed", "epochs", "lr", "margin", "head"):
-            if saved.get(key) != getattr(config, key):
-                raise CheckpointError(
-                    f"{ckpt_path} belongs to a run with {key}={saved.get(key)!r}, not {getattr(config, key)!r}; "
-                    "use another --out folder or the same settings to resume.")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, start_epoch, step = state["history"], state["epoch"], state["step"]
-        if is_main:
-            log(f"resuming {out} from epoch {start_epoch}")
-
-    if data is None:
-        data = load_cifar(config.dataset, root=config.data_root)
-    train_loader, test_loader = _loaders(data, config, dev, rank, world)
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * config.epochs
-
-    amp_dtype = autocast_dtype(dev, config.amp)
-    scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
-    net = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    step_fn = _make_step(net, optimizer, config.margin, amp_dtype, dev, scaler)
-    if config.compile:
-        step_fn = torch.compile(step_fn)
-    n_params = count_parameters(model)
-    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
-    if is_main and start_epoch < last_epoch:
-        log(f"training CPL-{model.config['size']} ({n_params / 1e6:.1f}M parameters) on {dev.type} "
-            f"[{device_name(dev)}], {train_loader.num_examples} train images, batch {config.batch_size}, {config.epochs} epochs, "
-            f"autocast {amp_dtype if amp_dtype else 'off'}, channels_last {channels_last}")
-
-    status, message = "running", None
-    for epoch in range(start_epoch, last_epoch):
-        t0 = time.time()
-        model.train()
-        train_loader.set_epoch(epoch)
-        total, count = torch.zeros((), device=dev), 0
-        bar = _progress(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                        disable=not (progress and is_main), total=steps_per_epoch)
-        for x, y in bar:
-            lr = lr_at(step, total_steps, config.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = step_fn(x, y)
-            total += loss.detach()
-            count += 1
-            step += 1
-            if count % 20 == 0 or count == steps_per_epoch:
-                mean = total / count
-                if distributed:  # every process must see the same value, or they stop at different steps
-                    dist.all_reduce(mean)
-                    mean = mean / world
-                value = mean.item()
-                if not math.isfinite(value):
-                    break
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-        mean_loss = (total / max(count, 1)).item()
-        if not math.isfinite(mean_loss):
-            status = "nan"
-            message = (f"the loss became {mean_loss} in epoch {epoch + 1} (step {step}); training stopped. "
-                       f"The last good checkpoint (epoch {start_epoch if not history else history[-1]['epoch']}) is kept in "
-                       f"{ckpt_path}. CPL runs are known to diverge occasionally in long trainings: rerun with "
-                       "another --seed, or a lower --lr.")
-            if is_main:
-                log("ERROR: " + message)
-                _write_results(results_path, config, history, dev, sum(h["seconds"] for h in history), status,
-                               n_params, message=message)
-            break
-        entry = {"epoch": epoch + 1, "loss": mean_loss, "lr_end": lr_at(step - 1, total_steps, config.lr),
-                 "train_seconds": time.time() - t0}
-        if is_main and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            te = time.time()
-            entry.update(_evaluate(model, test_loader))
-            entry["eval_seconds"] = time.time() - te
-        entry["seconds"] = time.time() - t0
-        history.append(entry)
-        if is_main:
-            save_checkpoint(ckpt_path, model, optimizer, epoch + 1, config, history, step)
-            _write_results(results_path, config, history, dev, sum(h["seconds"] for h in history), "running", n_params)
-            msg = f"epoch {epoch + 1}/{config.epochs}: loss {mean_loss:.4f}"
-            if "clean_acc" in entry:
-                msg += (f" | clean {100 * entry['clean_acc']:.2f}% | certified 36/255 {100 * entry['cert_36']:.2f}%"
-                        f" 72/255 {100 * entry['cert_72']:.2f}% 108/255 {100 * entry['cert_108']:.2f}%")
-            log(msg + f" | {entry['seconds']:.0f} s")
-    if distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-    wall = sum(h["seconds"] for h in history)
-    if status == "running":
-        status = "finished" if len(history) >= config.epochs else "stopped"
-    final = None
-    if history and "clean_acc" in history[-1]:
-        final = {k: history[-1][k] for k in ("clean_acc", "cert_36", "cert_72", "cert_108")}
-    results = {}
-    if is_main:
-        results = _write_results(results_path, config, history, dev, wall, status, n_params, final, message)
-    if status == "nan" and not is_main:
-        raise NonFiniteLossError("non-finite loss")
-    return results
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return _Setup(dev, rank, world, autocast_dtype(dev, config.amp),
+                 use_channels_last(config.channels_last, dev))
 
 
-def _loaders(data, config, dev, rank=0, world=1):
-    """Train loader (this process's shard of each global batch) and the whole test set."""
-    from .data import DeviceLoader
+def _check_data(data, config: TrainConfig) -> None:
+    """Labels in ``[0, num_classes)`` (checked once per split) and at least one full training batch."""
+    k = config.num_classes
+    for split, labels in (("training", data.train_labels), ("test", data.test_labels)):
+        labels = torch.as_tensor(labels)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise ValueError(f"the {split} labels must lie in [0, {k}) for {config.dataset}, found values "
+                             f"from {int(labels.min())} to {int(labels.max())}; check the data set")
+    n = len(data.train_labels)
+    n = n if config.limit_train is None else min(config.limit_train, n)
+    if n < config.batch_size:
+        what = f"--limit-train {config.limit_train} leaves" if config.limit_train else "the data set has"
+        raise ValueError(f"{what} {n} training images, fewer than one batch of {config.batch_size} (every "
+                         f"training batch is full): use --limit-train {config.batch_size} or more, or a "
+                         "smaller --batch-size")
 
-    train_loader = DeviceLoader(data.train_images, data.train_labels, config.batch_size, train=True, device=dev,
-                                seed=config.seed, std=bool(config.std_normalize), augment=config.augment,
-                                limit=config.limit_train, rank=rank, world_size=world,
-                                channels_last=use_channels_last(config.channels_last, dev))
-    test_loader = DeviceLoader(data.test_images, data.test_labels, 500, train=False, device=dev,
-                               mean=train_loader.mean, std=train_loader.std, limit=config.limit_test,
-                               channels_last=use_channels_last(config.channels_last, dev))
-    return train_loader, test_loader
 
+# -- the step ----------------------------------------------------------------------------------------
+def make_train_step(net: nn.Module, optimizer: torch.optim.Optimizer, margin: float,
+                    amp_dtype: Optional[torch.dtype], device: torch.device,
+                    scaler: Optional["torch.amp.GradScaler"] = None
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training step ``(x, y) -> loss``: forward under autocast ``amp_dtype`` (none for float32),
+    :func:`margin_loss` in float32, backward (through ``scaler`` for fp16), optimiser step.
 
-def _make_step(net, optimizer, margin, amp_dtype, dev, scaler):
+    ``x``: ``(B, 3, H, W)`` pixels, ``y``: ``(B,)`` labels; the learning rate is the optimiser's.
+    ``torch.compile`` accepts the returned function as it is.
+    """
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
-        ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with ctx:
             logits = net(x)
         loss = margin_loss(logits, y, margin)
@@ -435,85 +225,360 @@ def _make_step(net, optimizer, margin, amp_dtype, dev, scaler):
     return step
 
 
-def load_run_model(run_dir, data_root=None, device=None, limit_test=None, data=None):
-    """``(model, test_loader, config)`` from a run folder, ready to certify (eval mode, float32)."""
-    from .data import load_cifar
-    from .utils import device as pick_device
+def compile_decision(remaining_steps: int, eager_step_s: Optional[float], cpl_layers: int,
+                     device_type: str = "cpu") -> Dict[str, object]:
+    """Whether ``torch.compile`` of the step pays for itself in the rest of the run.
 
-    run_dir = pathlib.Path(run_dir)
-    state = load_checkpoint(run_dir / "checkpoint.pt")
-    cfg = state["config"]
-    dev = torch.device(device) if device else pick_device()
-    if dev.type == "cpu":
-        tune_cpu_allocator()
-    model = cpl_network(cfg["size"], num_classes=100 if cfg["dataset"] == "cifar100" else 10, head=cfg.get("head", "first"))
-    model.load_state_dict(state["model"])
-    model.to(dev).eval()
-    if use_channels_last(cfg.get("channels_last", "auto"), dev):
-        model.to(memory_format=torch.channels_last)
+    Estimated cost ``8 s + 3.2 s x cpl_layers`` (:data:`COMPILE_COST_S`), expected saving
+    ``COMPILE_SAVING x remaining_steps x eager_step_s`` (19 % of the eager time); compile only when the
+    saving is at least twice the cost. Never on MPS, nor when the run has too few steps to time.
+    Returns ``{"compile", "reason", "estimated_cost_s", "expected_saving_s", "eager_step_s"}``.
+    """
+    cost = COMPILE_COST_S[0] + COMPILE_COST_S[1] * cpl_layers
+    out = {"compile": False, "estimated_cost_s": round(cost, 1),
+           "eager_step_s": None if eager_step_s is None else round(eager_step_s, 4),
+           "expected_saving_s": None}
+    if device_type not in ("cpu", "cuda"):
+        return {**out, "reason": f"torch.compile is not used on {device_type}"}
+    if eager_step_s is None:
+        return {**out, "reason": f"{remaining_steps} steps: too short to repay a compilation"}
+    saving = COMPILE_SAVING * remaining_steps * eager_step_s
+    out.update(compile=saving >= COMPILE_MARGIN * cost, expected_saving_s=round(saving, 1))
+    verdict = "compile" if out["compile"] else "stay eager"
+    out["reason"] = (f"{remaining_steps} steps of {eager_step_s:.3f} s: expected saving {saving:.0f} s vs "
+                     f"compile cost ~{cost:.0f} s -> {verdict}")
+    return out
+
+
+# -- a run in memory ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Run:
+    config: TrainConfig
+    setup: _Setup
+    model: nn.Sequential
+    optimizer: torch.optim.Optimizer
+    scaler: Optional["torch.amp.GradScaler"]
+    train_loader: object
+    test_loader: object
+    eager_step: Callable
+    step_fn: Callable
+    total_steps: int
+    step: int = 0
+    start_epoch: int = 0
+    history: List[dict] = dataclasses.field(default_factory=list)
+    compile_info: Dict[str, object] = dataclasses.field(default_factory=dict)
+    probe: Optional[List[float]] = None
+    results_path: Optional[pathlib.Path] = None
+    ckpt_path: Optional[pathlib.Path] = None
+
+    @property
+    def cpl_layers(self) -> int:
+        return self.model.config["depth"] + self.model.config["depth_linear"]
+
+
+def _build(config: TrainConfig, setup: _Setup, data, state: Optional[dict], out: pathlib.Path) -> _Run:
+    """Data, network (normalisation statistics from the training pictures), optimiser, scaler, loaders,
+    step; then the checkpoint's state when continuing."""
+    from .cifar import load_cifar
+    from .loader import channel_stats, cifar_loaders
+
+    dev = setup.device
     if data is None:
-        data = load_cifar(cfg["dataset"], root=data_root or cfg.get("data_root"))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in cfg.items() if k in known})
-    if limit_test is not None:
-        config.limit_test = limit_test
-    _, test_loader = _loaders(data, config, dev)
-    return model, test_loader, cfg
+        data = load_cifar(config.dataset, root=config.data_root)
+    _check_data(data, config)
+    torch.manual_seed(config.seed)
+    # the statistics of the training pictures; a checkpoint brings its own (placeholders until loaded)
+    mean, std = (None, None) if state is not None else channel_stats(data.train_images)
+    model = run_network(config, mean, std).to(dev)
+    if setup.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scaler = torch.amp.GradScaler(dev.type) if setup.amp_dtype == torch.float16 else None
+    train_loader, test_loader = cifar_loaders(
+        data, batch_size=config.batch_size, device=dev, seed=config.seed, normalize=False,
+        limit_train=config.limit_train, limit_test=config.limit_test, augment=config.augment,
+        channels_last=setup.channels_last, rank=setup.rank, world_size=setup.world, shard_test=True)
+    net = model
+    if setup.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    step = make_train_step(net, optimizer, config.margin, setup.amp_dtype, dev, scaler)
+    run = _Run(config, setup, model, optimizer, scaler, train_loader, test_loader, step, step,
+               total_steps=len(train_loader) * config.epochs, results_path=out / "results.json",
+               ckpt_path=out / "checkpoint.pt")
+    if state is not None:
+        _resume(run, state)
+    return run
 
 
-def _bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def _resume(run: _Run, state: dict) -> None:
+    """Weights (normalisation statistics included), optimiser, gradient scaler, history, step counter."""
+    load_model_state(run.model, state, source=str(run.ckpt_path))
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.history, run.start_epoch, run.step = list(state["history"]), int(state["epoch"]), int(state["step"])
 
 
-def _auto_bool(text):
-    return "auto" if text.lower() == "auto" else _bool(text)
+def _start_compile(run: _Run, log: Callable) -> None:
+    """Resolve ``config.compile`` now (``"on"``/``"off"``) or schedule the timing of the first steps."""
+    setting = run.config.compile
+    remaining = run.total_steps - run.step
+    if setting == "auto":
+        if remaining > PROBE_STEPS + 1 and run.setup.device.type in ("cpu", "cuda"):
+            run.probe = []
+            run.compile_info = {"setting": "auto", "compiled": False, "reason": "deciding"}
+            return
+        decision = compile_decision(remaining, None, run.cpl_layers, run.setup.device.type)
+    else:
+        decision = {"compile": setting == "on", "reason": f"compile={setting}"}
+    _apply_compile(run, decision, log)
 
 
-def build_parser():
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m cpl_mini.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default=d.dataset, choices=["cifar10", "cifar100"])
-    p.add_argument("--size", default=d.size, help="XS, S, M, L, XL (default S)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--margin", type=float, default=d.margin)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"],
-                   help="autocast: auto = bf16 where supported (default)")
-    p.add_argument("--channels-last", type=_auto_bool, default=d.channels_last,
-                   help="auto (default: the layout measured faster on this device), true or false")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--augment", type=_bool, default=d.augment)
-    p.add_argument("--std-normalize", action="store_true", help="divide inputs by the std (certificates account for it)")
-    p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
-    p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs (and at the end)")
-    p.add_argument("--head", default=d.head, choices=["first", "lln"])
-    p.add_argument("--out", default=d.out, help="run folder (checkpoint.pt, results.json)")
-    p.add_argument("--data-root", default=None, help="CIFAR folder (default: $CPL_MINI_DATA, then the user cache)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+def _apply_compile(run: _Run, decision: Dict[str, object], log: Callable) -> None:
+    run.probe = None
+    run.compile_info = {"setting": run.config.compile, "compiled": bool(decision["compile"]),
+                        **{k: v for k, v in decision.items() if k != "compile"}}
+    if decision["compile"]:
+        run.step_fn = torch.compile(run.eager_step)
+    if run.setup.is_main:
+        log(f"torch.compile: {'on' if decision['compile'] else 'off'} ({decision['reason']})")
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "no_progress"})
+def _observe_step(run: _Run, seconds: float, log: Callable) -> None:
+    """Collect the eager step times of ``compile="auto"``; decide after the warm-up and PROBE_STEPS steps
+    (on the slowest process's median, so that all processes decide alike)."""
+    run.probe.append(seconds)
+    if len(run.probe) < PROBE_STEPS + 1:
+        return
+    median = torch.tensor(statistics.median(run.probe[1:]), dtype=torch.float64, device=run.setup.device)
+    if run.setup.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(median, op=dist.ReduceOp.MAX)
+    decision = compile_decision(run.total_steps - run.step - 1, float(median), run.cpl_layers,
+                                run.setup.device.type)  # the steps after this one
+    _apply_compile(run, decision, log)
+
+
+# -- one epoch ---------------------------------------------------------------------------------------
+def _reduced_mean(total: torch.Tensor, count: int, setup: _Setup) -> float:
+    """The mean loss over the steps so far, averaged over all processes (the same value everywhere)."""
+    mean = total / max(count, 1)
+    if setup.distributed:
+        import torch.distributed as dist
+
+        mean = mean.clone()
+        dist.all_reduce(mean)
+        mean = mean / setup.world
+    return float(mean.item())
+
+
+def _train_epoch(run: _Run, epoch: int, progress: bool = True, log: Callable = print) -> float:
+    """One epoch of optimisation steps; returns its mean loss reduced over all processes.
+
+    Every 20 steps and at the end the loss is reduced; every process stops the epoch at the first
+    non-finite value (all see the same value, so all stop at the same step) and it is returned.
+    """
+    from tqdm.auto import tqdm
+
+    config, setup = run.config, run.setup
+    run.model.train()
+    run.train_loader.set_epoch(epoch)
+    steps = len(run.train_loader)
+    total, count, value = torch.zeros((), device=setup.device), 0, float("nan")
+    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=not (progress and setup.is_main), total=steps)
+    for x, y in bar:
+        lr = lr_at(run.step, run.total_steps, config.lr)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        t = time.perf_counter()
+        loss = run.step_fn(x, y)
+        if run.probe is not None:
+            if setup.device.type == "cuda":
+                torch.cuda.synchronize(setup.device)
+            _observe_step(run, time.perf_counter() - t, log)
+        total += loss.detach()
+        count += 1
+        run.step += 1
+        if count % 20 == 0 or count == steps:
+            value = _reduced_mean(total, count, setup)
+            if not math.isfinite(value):
+                break
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+    return value
+
+
+# -- end of an epoch ---------------------------------------------------------------------------------
+def _evaluate(run: _Run) -> Dict[str, float]:
+    """Clean and certified accuracy (sound norms, float32, eager). A test loader sharded over the
+    processes is evaluated by all of them and the radii gathered; otherwise by the main process."""
+    setup, loader = run.setup, run.test_loader
+    sharded = setup.distributed and getattr(loader, "world_size", 1) > 1
+    if not (sharded or setup.is_main):
+        return {}
+    res = certified_accuracy(run.model, loader, eps=DEFAULT_EPS, input_lipschitz=1.0)
+    radii = res["radii"]
+    if sharded:
+        import torch.distributed as dist
+
+        parts = [None] * setup.world
+        dist.all_gather_object(parts, radii)
+        radii = torch.cat(parts)
+    entry = {"clean_acc": (radii > 0).float().mean().item()}
+    entry.update({f"cert_{round(e * 255)}": (radii > e).float().mean().item() for e in DEFAULT_EPS})
+    entry.update(eval_images=int(radii.numel()), lipschitz=float(res["lipschitz"]))
+    return entry
+
+
+def _end_of_epoch(run: _Run, epoch: int, loss: float, seconds: float, log: Callable) -> None:
+    """Evaluation when due, the history entry, the checkpoint and the record (main process)."""
+    config = run.config
+    entry = {"epoch": epoch + 1, "loss": loss, "lr_end": lr_at(run.step - 1, run.total_steps, config.lr),
+             "train_seconds": seconds}
+    if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+        te = time.time()
+        entry.update(_evaluate(run))
+        entry["eval_seconds"] = time.time() - te
+    entry["seconds"] = seconds + entry.get("eval_seconds", 0.0)
+    run.history.append(entry)
+    if not run.setup.is_main:
+        return
+    save_checkpoint(run.ckpt_path, run.model, run.optimizer, epoch + 1, config, run.history, run.step,
+                    run.scaler)
+    write_results(run.results_path, _record(run, "running"))
+    msg = f"epoch {epoch + 1}/{config.epochs}: loss {loss:.4f}"
+    if "clean_acc" in entry:
+        msg += (f" | clean {100 * entry['clean_acc']:.2f}% | certified 36/255 {100 * entry['cert_36']:.2f}%"
+                f" 72/255 {100 * entry['cert_72']:.2f}% 108/255 {100 * entry['cert_108']:.2f}%")
+    log(msg + f" | {entry['seconds']:.0f} s")
+
+
+def _record(run: _Run, status: str, message: Optional[str] = None) -> Dict[str, object]:
+    """The content of ``results.json``."""
+    history, dev = run.history, run.setup.device
+    final = None
+    if history and "clean_acc" in history[-1]:
+        final = {k: history[-1][k] for k in ("clean_acc", "cert_36", "cert_72", "cert_108")}
+    return {
+        "status": status, "message": message, "config": dataclasses.asdict(run.config),
+        "cpl_mini_version": __version__, "torch_version": torch.__version__,
+        "python_version": platform.python_version(), "device": device_name(dev), "device_type": dev.type,
+        "threads": torch.get_num_threads(), "processes": run.setup.world,
+        "autocast": str(run.setup.amp_dtype).replace("torch.", "") if run.setup.amp_dtype else "off",
+        "channels_last": run.setup.channels_last, "compile": run.compile_info,
+        "parameters": count_parameters(run.model), "epochs_completed": len(history), "history": history,
+        "final": final, "wall_time_s": sum(h["seconds"] for h in history),
+    }
+
+
+def _diverged_message(run: _Run, loss: float, epoch: int) -> str:
+    kept = run.history[-1]["epoch"] if run.history else run.start_epoch
+    where = f"the last good checkpoint (epoch {kept}) is kept in {run.ckpt_path}" if kept else \
+        "no epoch finished, so there is no checkpoint"
+    return (f"the loss became {loss} in epoch {epoch + 1} (step {run.step}); training stopped on every "
+            f"process and {where}. CPL runs are known to diverge occasionally in long trainings: rerun "
+            "with another --seed, or a lower --lr.")
+
+
+# -- the whole run -----------------------------------------------------------------------------------
+def train(config: TrainConfig, data=None, progress: bool = True, log: Callable = print,
+          stop_after_epoch: Optional[int] = None) -> Dict[str, object]:
+    """Run or continue a training run; returns the record also written to ``results.json``.
+
+    Args:
+        config: a :class:`~cpl_mini.runs.TrainConfig`. If ``config.out`` holds a checkpoint, the run
+            continues from it exactly (its identity fields must match, else ``CheckpointError``); a
+            finished run returns its stored record and writes nothing.
+        data: an optional already loaded :class:`cpl_mini.cifar.CifarData` (else read from
+            ``config.data_root``).
+        progress: show progress bars.
+        log: where the messages go (``print``).
+        stop_after_epoch: stop (status ``"stopped"``) once this epoch is done; calling ``train`` again
+            with the same config continues exactly.
+    Status in the record: ``finished``, ``stopped``, ``nan`` (the loss diverged), ``interrupted``
+    (``KeyboardInterrupt``) or ``failed`` (another exception); both re-raised once the record is written.
+    """
+    setup = _set_up(config)
+    out = pathlib.Path(config.out)
+    ckpt_path, results_path = out / "checkpoint.pt", out / "results.json"
+    state = None
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=setup.device)
+        check_same_run(state["config"], config, ckpt_path)
+        stored = read_results(results_path)
+        if state["epoch"] >= config.epochs and stored and stored.get("status") == "finished":
+            if setup.is_main:
+                log(f"{out}: the run is finished; its record is returned unchanged")
+            return stored
+    run = _build(config, setup, data, state, out)
+    if state is not None and setup.is_main:
+        log(f"continuing {out} from epoch {run.start_epoch}")
     try:
-        results = train(cfg, progress=not args.no_progress)
+        return _train_epochs(run, progress, log, stop_after_epoch)
+    except (KeyboardInterrupt, Exception) as exc:  # the record says what happened, then the error goes on
+        if setup.is_main:
+            done = run.history[-1]["epoch"] if run.history else 0
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            what = "interrupted" if interrupted else f"failed ({type(exc).__name__}: {exc})"
+            write_results(results_path, _record(run, "interrupted" if interrupted else "failed", (
+                f"{what} after {done} complete epoch(s); run the same command again to continue from the "
+                "last checkpoint")))
+        raise
+
+
+def _train_epochs(run: _Run, progress: bool, log: Callable, stop_after_epoch: Optional[int]) -> Dict:
+    config, setup = run.config, run.setup
+    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+    if setup.is_main and run.start_epoch < last_epoch:
+        model_cfg = run.model.config
+        amp = str(setup.amp_dtype).replace("torch.", "") if setup.amp_dtype else "off"
+        log(f"training CPL-{model_cfg['size']} ({count_parameters(run.model) / 1e6:.1f}M parameters) on "
+            f"{setup.device.type} [{device_name(setup.device)}], {run.train_loader.num_examples} train "
+            f"images, batch {config.batch_size}, {config.epochs} epochs, autocast {amp}, "
+            f"channels_last {setup.channels_last}")
+    if run.start_epoch < last_epoch:
+        _start_compile(run, log)
+    status, message = "running", None
+    for epoch in range(run.start_epoch, last_epoch):
+        t0 = time.time()
+        loss = _train_epoch(run, epoch, progress, log)
+        if not math.isfinite(loss):
+            status, message = "nan", _diverged_message(run, loss, epoch)
+            if setup.is_main:
+                log("ERROR: " + message)
+            break
+        _end_of_epoch(run, epoch, loss, time.time() - t0, log)
+    if setup.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if status == "running":
+        status = "finished" if len(run.history) >= config.epochs else "stopped"
+    results = _record(run, status, message)
+    if setup.is_main:
+        write_results(run.results_path, results)
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m cpl_mini.train``: exit 0 when the run finished or stopped, 2 on bad input, 3 when the
+    loss diverged, 130 when interrupted."""
+    from .cli import parse_train_args
+
+    config, progress = parse_train_args(argv)
+    try:
+        results = train(config, progress=progress)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if results.get("status") == "nan":
-        return 3
-    return 0
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command again to continue {config.out} from its last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 3 if results.get("status") == "nan" else 0
 
 
 if __name__ == "__main__":

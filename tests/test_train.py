@@ -1,18 +1,22 @@
-"""cpl_mini.train: the recipe, real CIFAR-10 learning, exact resume, safe checkpoints, NaN stop, DDP, CLI."""
+"""cpl_mini.train: the recipe, real CIFAR-10 learning, exact resume, NaN stop on every process, DDP, the
+set-up (device, autocast dtype), the compile rule, finished and interrupted runs, bad input."""
+import builtins
+import importlib
 import json
 import os
 import pathlib
-import pickle
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from cpl_mini import train as train_mod
-from cpl_mini.data import load_cifar
-from cpl_mini.train import (CheckpointError, TrainConfig, load_checkpoint, lr_at, margin_loss, save_checkpoint,
-                            train)
+from cpl_mini.cifar import load_cifar
+from cpl_mini.runs import CheckpointError, TrainConfig, load_checkpoint
+from cpl_mini.train import autocast_dtype, compile_decision, cpu_info, device_name, lr_at, margin_loss, train
+
+# ``cpl_mini.train`` is also the name of the function in the package's flat API: take the module itself.
+train_mod = importlib.import_module("cpl_mini.train")
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -35,8 +39,8 @@ def test_schedule_is_the_papers_piecewise_linear_one():
 def test_margin_loss_matches_its_formula():
     logits = torch.randn(7, 5)
     y = torch.randint(0, 5, (7,))
-    manual = torch.stack([sum(torch.clamp(0.7 - logits[i, y[i]] + logits[i, j], min=0) for j in range(5) if j != y[i]) / 5
-                          for i in range(7)]).mean()
+    manual = torch.stack([sum(torch.clamp(0.7 - logits[i, y[i]] + logits[i, j], min=0)
+                              for j in range(5) if j != y[i]) / 5 for i in range(7)]).mean()
     assert margin_loss(logits, y, 0.7).item() == pytest.approx(manual.item(), rel=1e-6)
 
 
@@ -51,18 +55,22 @@ def cifar_small(cifar_root):
 
 
 def test_tiny_model_learns_real_cifar10(cifar_small, tmp_path):
-    cfg = TrainConfig(size="XS", epochs=3, batch_size=64, limit_train=4096, limit_test=1000, out=str(tmp_path / "run"),
-                      device="cpu", seed=0, eval_every=3)
+    cfg = TrainConfig(size="XS", epochs=3, batch_size=64, limit_train=4096, limit_test=1000,
+                      out=str(tmp_path / "run"), device="cpu", seed=0, eval_every=3)
     res = train(cfg, data=cifar_small, progress=False, log=quiet)  # 192 steps
     final = res["final"]
     assert res["status"] == "finished" and res["epochs_completed"] == 3
     assert final["clean_acc"] > 0.22, final  # chance is 0.10
     assert final["cert_36"] > 0.02, final
-    assert final["cert_36"] <= final["clean_acc"] and final["cert_108"] <= final["cert_72"] <= final["cert_36"]
+    assert final["cert_36"] <= final["clean_acc"]
+    assert final["cert_108"] <= final["cert_72"] <= final["cert_36"]
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["final"] == final and len(saved["history"]) == 3 and saved["wall_time_s"] > 0
     for key in ("torch_version", "cpl_mini_version", "device", "config"):
         assert key in saved
+    # a short run never pays for a compilation: "auto" resolved to eager, and the record says why
+    assert saved["compile"]["setting"] == "auto" and saved["compile"]["compiled"] is False
+    assert "compile cost" in saved["compile"]["reason"]
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
@@ -78,52 +86,35 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(CheckpointError, match="epochs"):
-        train(TrainConfig(out=str(tmp_path / "b"), **{**common, "epochs": 5}), data=data, progress=False, log=quiet)
+        train(TrainConfig(out=str(tmp_path / "b"), **{**common, "epochs": 5}), data=data, progress=False,
+              log=quiet)
 
 
-def test_corrupt_foreign_and_malicious_checkpoints_are_refused(tmp_path):
-    bad = tmp_path / "checkpoint.pt"
-    bad.write_bytes(b"PK\x03\x04 this is not a whole checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt"):
-        load_checkpoint(bad)
-    torch.save({"weights": torch.zeros(3)}, bad)
-    with pytest.raises(CheckpointError, match="not a cpl_mini checkpoint"):
-        load_checkpoint(bad)
-    marker = tmp_path / "pwned"
+class _FastGrowingScaler(torch.amp.GradScaler):
+    """The scale doubles after every step from 2**10: its state differs from a fresh scaler's at once."""
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"format": "cpl_mini-checkpoint-v1", "x": Evil()}, bad)
-    with pytest.raises(CheckpointError):
-        load_checkpoint(bad)
-    assert not marker.exists()
-    with pytest.raises(FileNotFoundError, match="train first"):
-        load_checkpoint(tmp_path / "nothing.pt")
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, init_scale=2.0 ** 10, growth_interval=1, **kwargs)
 
 
-def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.Adam(model.parameters())
-    path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, model, opt, 1, TrainConfig(), [], 10)
-    before = path.read_bytes()
-
-    def broken_save(obj, f):
-        pathlib.Path(f).write_bytes(b"half")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        save_checkpoint(path, model, opt, 2, TrainConfig(), [], 20)
-    assert path.read_bytes() == before  # the old checkpoint is intact
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+def test_fp16_resume_restores_the_gradient_scaler(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.amp, "GradScaler", _FastGrowingScaler)
+    data = synthetic(n_train=64, n_test=16)  # one step an epoch (fp16 is emulated, slowly, on CPUs)
+    common = dict(size="XS", epochs=2, batch_size=64, device="cpu", seed=2, amp="fp16", eval_every=5)
+    train(TrainConfig(out=str(tmp_path / "a"), **common), data=data, progress=False, log=quiet)
+    cfg_b = TrainConfig(out=str(tmp_path / "b"), **common)
+    train(cfg_b, data=data, progress=False, log=quiet, stop_after_epoch=1)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["scaler"]["scale"] > 2.0 ** 10
+    train(cfg_b, data=data, progress=False, log=quiet)
+    a, b = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("a", "b"))
+    assert a["scaler"] == b["scaler"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     data = synthetic(n_train=128, n_test=32)
-    cfg = TrainConfig(size="XS", epochs=3, batch_size=64, device="cpu", out=str(tmp_path / "run"), eval_every=10)
+    cfg = TrainConfig(size="XS", epochs=3, batch_size=64, device="cpu", out=str(tmp_path / "run"),
+                      eval_every=10)
     real = train_mod.margin_loss
     calls = {"n": 0}
 
@@ -139,44 +130,180 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "nan"
 
 
+def _torchrun(n, out, *args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           str(HERE / "ddp_worker.py"), str(out), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_ddp_two_processes_match_one_process(tmp_path):
-    """gloo, 2 processes with half the batch each == 1 process with the whole batch (no augmentation)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    """gloo, 2 processes with half the batch each == 1 process with the whole batch (no augmentation);
+    the evaluation, split over the processes, covers the whole test set."""
     for n in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               str(HERE / "ddp_worker.py"), str(tmp_path / f"p{n}")]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc = _torchrun(n, tmp_path / f"p{n}")
         assert proc.returncode == 0, proc.stderr[-3000:]
     one = load_checkpoint(tmp_path / "p1" / "checkpoint.pt")["model"]
     two = load_checkpoint(tmp_path / "p2" / "checkpoint.pt")["model"]
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5, rtol=1e-4), key
     assert any(not torch.equal(one[k], synthetic_init()[k]) for k in one if k.endswith("weight"))
+    for n in (1, 2):
+        entry = json.loads((tmp_path / f"p{n}" / "results.json").read_text())["history"][-1]
+        assert entry["eval_images"] == 64, entry
+
+
+def test_ddp_nan_on_one_process_stops_every_process(tmp_path):
+    """Only process 1's loss becomes NaN (in epoch 2 of 3): both stop there, none hangs, both report it."""
+    out = tmp_path / "run"
+    try:
+        proc = _torchrun(2, out, "--epochs", "3", "--n-train", "128", "--nan-rank", "1",
+                         "--nan-from-step", "3", timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the processes hung after a NaN on one of them")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        status = json.loads((tmp_path / "run-status" / f"rank{rank}.json").read_text())
+        assert status == {"status": "nan", "epochs_completed": 1}, (rank, status)
+    assert json.loads((out / "results.json").read_text())["status"] == "nan"
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
 
 
 def synthetic_init():
     from cpl_mini.models import cpl_network
 
     torch.manual_seed(3)
-    return cpl_network("XS").state_dict()
+    return cpl_network("XS", mean=torch.zeros(3)).state_dict()
 
 
-def test_cli_end_to_end(cifar_root, tmp_path):
-    env = {**os.environ, "CPL_MINI_DATA": str(cifar_root), "PYTHONWARNINGS": "ignore"}
-    out = tmp_path / "cli"
-    run = subprocess.run([sys.executable, "-m", "cpl_mini.train", "--size", "XS", "--epochs", "1", "--batch-size", "64",
-                          "--limit-train", "256", "--limit-test", "100", "--out", str(out), "--no-progress"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "epoch 1/1" in run.stdout and (out / "results.json").exists()
-    cert = subprocess.run([sys.executable, "-m", "cpl_mini.certify", str(out), "--json"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert cert.returncode == 0, cert.stderr[-2000:]
-    table = json.loads(cert.stdout.strip().splitlines()[-1])
-    assert table["n"] == 100 and set(table["certified"]) == {"36/255", "72/255", "108/255"}
-    saved = json.loads((out / "results.json").read_text())["final"]
-    assert table["accuracy"] == pytest.approx(saved["clean_acc"])
-    bad = subprocess.run([sys.executable, "-m", "cpl_mini.train", "--size", "XS", "--epochs", "2", "--batch-size", "64",
-                          "--out", str(out)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "epochs" in bad.stderr
+def test_a_finished_run_is_returned_as_recorded_and_nothing_is_written(tmp_path, monkeypatch):
+    data = synthetic(n_train=128, n_test=16)
+    cfg = TrainConfig(size="XS", epochs=1, batch_size=64, device="cpu", out=str(tmp_path / "run"))
+    first = train(cfg, data=data, progress=False, log=quiet)
+    files = [tmp_path / "run" / name for name in ("results.json", "checkpoint.pt")]
+    before = [(f.stat().st_ino, f.stat().st_mtime_ns, f.read_bytes()) for f in files]
+    monkeypatch.setattr(train_mod, "device_name", lambda device: "another machine")
+    again = train(cfg, data=data, progress=False, log=quiet)
+    assert again == first and again["device"] != "another machine"
+    assert [(f.stat().st_ino, f.stat().st_mtime_ns, f.read_bytes()) for f in files] == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "results.json"]
+
+
+def test_ctrl_c_records_interrupted_and_the_run_continues_later(tmp_path, monkeypatch):
+    data = synthetic(n_train=128, n_test=16)
+    cfg = TrainConfig(size="XS", epochs=2, batch_size=64, device="cpu", out=str(tmp_path / "run"),
+                      eval_every=5)
+    real, calls = train_mod.margin_loss, {"n": 0}
+
+    def interrupted(logits, labels, margin=0.7):
+        calls["n"] += 1
+        if calls["n"] == 3:  # first step of epoch 2
+            raise KeyboardInterrupt
+        return real(logits, labels, margin)
+
+    monkeypatch.setattr(train_mod, "margin_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data=data, progress=False, log=quiet)
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "interrupted" and record["epochs_completed"] == 1
+    assert "run the same command again" in record["message"]
+    res = train(cfg, data=data, progress=False, log=quiet)
+    assert res["status"] == "finished" and res["epochs_completed"] == 2
+
+
+def test_an_error_during_training_is_recorded_as_failed(tmp_path, monkeypatch):
+    data = synthetic(n_train=128, n_test=16)
+    cfg = TrainConfig(size="XS", epochs=2, batch_size=64, device="cpu", out=str(tmp_path / "run"),
+                      eval_every=5)
+    real, calls = train_mod.margin_loss, {"n": 0}
+
+    def broken(logits, labels, margin=0.7):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory")
+        return real(logits, labels, margin)
+
+    monkeypatch.setattr(train_mod, "margin_loss", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(cfg, data=data, progress=False, log=quiet)
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "failed" and "RuntimeError: out of memory" in record["message"]
+
+
+def test_bad_input_fails_clearly_and_leaves_no_folder(tmp_path):
+    data = synthetic(n_train=128, n_test=16)
+    small = TrainConfig(size="XS", epochs=1, batch_size=256, limit_train=100, device="cpu",
+                        out=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="--limit-train 100") as err:
+        train(small, data=data, progress=False, log=quiet)
+    assert "drop_last" not in str(err.value) and "--batch-size" in str(err.value)
+    bad = synthetic(n_train=128, n_test=16)
+    bad.train_labels[5] = 10
+    cfg = TrainConfig(size="XS", epochs=1, batch_size=64, device="cpu", out=str(tmp_path / "b"))
+    with pytest.raises(ValueError, match=r"training labels must lie in \[0, 10\).*10"):
+        train(cfg, data=bad, progress=False, log=quiet)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
+    cfg = TrainConfig(size="XS", epochs=1, device="cuda", out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="no CUDA"):
+        train(cfg, data=synthetic(n_train=64, n_test=8), progress=False, log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                                   ((6, 1), torch.float16), ((8, 0), torch.bfloat16),
+                                                   ((9, 0), torch.bfloat16)])
+def test_cuda_autocast_is_bf16_only_where_the_gpu_computes_in_bf16(monkeypatch, capability, expected):
+    # a T4 (7.5) or V100 (7.0) reports bf16 "supported" through emulation; only compute capability 8.0+ has it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert autocast_dtype(cuda, "auto") == expected
+    assert autocast_dtype(cuda, "bf16") == torch.bfloat16 and autocast_dtype(cuda, "off") is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
+def test_proc_cpuinfo_is_read_once(monkeypatch):
+    cpu_info.cache_clear()
+    opened, real_open = [], builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == "/proc/cpuinfo":
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    cpu = torch.device("cpu")
+    for _ in range(3):
+        autocast_dtype(cpu, "auto")
+        device_name(cpu)
+    assert len(opened) == 1
+    name, flags = cpu_info()
+    assert name and name in device_name(cpu)
+    with real_open("/proc/cpuinfo") as f:
+        first_flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    assert flags == frozenset(first_flags)
+    cpu_info.cache_clear()
+
+
+def test_compile_rule_on_the_measured_runs():
+    # AMD EPYC Zen 4, 2 threads: CPU network 392.7 img/s eager, S 116.9 img/s; batch 256, 195 steps an epoch
+    cpu_net = compile_decision(20 * 195, 256 / 392.7, cpl_layers=11)
+    s_net = compile_decision(20 * 195, 256 / 116.9, cpl_layers=27)
+    assert cpu_net["compile"] and s_net["compile"]
+    assert cpu_net["estimated_cost_s"] == pytest.approx(43.2)
+    assert s_net["estimated_cost_s"] == pytest.approx(94.4)
+    # the quick XS run of CI (2 epochs of 16 steps), a test run, one short epoch of the CPU network: eager
+    assert not compile_decision(2 * 16 - 6, 0.2, cpl_layers=6)["compile"]
+    assert not compile_decision(186, 0.1, cpl_layers=6)["compile"]
+    assert not compile_decision(8, 0.65, cpl_layers=11)["compile"]
+    assert not compile_decision(3, None, cpl_layers=11)["compile"]
+    # the saving must clearly exceed the cost: just above break-even is not enough
+    break_even = 43.2 / (0.19 * 0.65)
+    assert not compile_decision(int(1.5 * break_even), 0.65, cpl_layers=11)["compile"]
+    assert compile_decision(int(2.1 * break_even), 0.65, cpl_layers=11)["compile"]
+    assert not compile_decision(10 ** 6, 1.0, cpl_layers=11, device_type="mps")["compile"]
