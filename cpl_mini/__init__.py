@@ -5,6 +5,9 @@ Companion package of the book *1-Lipschitz Networks as Dynamical Systems*. The p
 
     from cpl_mini import ConvexPotentialConv2d, cpl_network, certified_accuracy
 
+The training loop is the one name that is not flat: ``cpl_mini.train`` is the module (also the command
+line, ``python -m cpl_mini.train``), and ``cpl_mini.train.train(config)`` runs a training.
+
 Every public name is listed in ``_API`` below with the module that defines it; names load lazily on first
 use, so ``import cpl_mini`` is fast (it does not import torch). Submodules stay importable
 (``cpl_mini.spectral``, ``cpl_mini.layers``, ...) for readers who want to see where a thing lives.
@@ -25,6 +28,7 @@ _API = {
     "glue": "utils",
     # spectral: norms of matrices and convolutions
     "power_iteration": "spectral",
+    "OperatorNormModule": "spectral",
     "dense_spectral_norm": "spectral",
     "dense_spectral_norm_upper": "spectral",
     "conv_spectral_norm_fft": "spectral",
@@ -32,6 +36,10 @@ _API = {
     "conv_operator": "spectral",
     "gram_iteration_dense": "spectral",
     "gram_iteration_conv": "spectral",
+    # precision: IEEE float32 for sound computations, float64 devices, input checks
+    "ieee_precision": "precision",
+    "float64_device": "precision",
+    "check_last_dim": "precision",
     # layers: the Convex Potential Layer and the network pieces
     "ConvexPotentialLinear": "layers",
     "ConvexPotentialConv2d": "layers",
@@ -39,7 +47,7 @@ _API = {
     "LipschitzAvgPool2d": "layers",
     "FirstCoordinates": "layers",
     "RowNormalizedLinear": "layers",
-    "lipschitz_upper_bound": "layers",
+    "lipschitz_upper_bound": "bounds",
     # other 1-Lipschitz layers
     "skew": "orthogonal",
     "cayley": "orthogonal",
@@ -71,38 +79,48 @@ _API = {
     "jacobian_spectral_norm": "lipschitz",
     "exact_jacobian_norm": "lipschitz",
     "worst_pair_search": "lipschitz",
-    # data: CIFAR read safely, the device-resident loader, toy 2-D sets
-    "CIFAR_CLASSES": "data",
-    "CifarData": "data",
-    "CorruptArchiveError": "data",
-    "UnsafePickleError": "data",
-    "ArchiveChecksumWarning": "data",
-    "default_data_root": "data",
-    "load_cifar": "data",
-    "clear_cache": "data",
-    "DeviceLoader": "data",
-    "EpochPlan": "data",
-    "cifar_loaders": "data",
-    "make_moons": "data",
-    "make_circles": "data",
-    "make_spirals": "data",
+    # cifar: CIFAR-10/100 read safely from the official archives
+    "CIFAR_CLASSES": "cifar",
+    "CifarData": "cifar",
+    "CorruptArchiveError": "cifar",
+    "UnsafePickleError": "cifar",
+    "ArchiveChecksumWarning": "cifar",
+    "default_data_root": "cifar",
+    "load_cifar": "cifar",
+    "clear_cache": "cifar",
+    # loader: the device-resident loader
+    "DeviceLoader": "loader",
+    "EpochPlan": "loader",
+    "channel_stats": "loader",
+    "cifar_loaders": "loader",
+    # toy: toy 2-D sets
+    "make_moons": "toy",
+    "make_circles": "toy",
+    "make_spirals": "toy",
     # models: the paper's networks
     "SIZES": "models",
     "cpl_network": "models",
     "count_parameters": "models",
     "describe": "models",
-    # training, runs and checkpoints
-    "TrainConfig": "train",
-    "book_config": "train",
-    "use_channels_last": "train",
+    "use_channels_last": "models",
+    # normalization: the input normalisation layer
+    "InputNormalization": "normalization",
+    # runs: configuration, checkpoints, records, trained models
+    "TrainConfig": "runs",
+    "book_config": "runs",
+    "CheckpointError": "runs",
+    "save_checkpoint": "runs",
+    "load_checkpoint": "runs",
+    "load_model_state": "runs",
+    "load_run_model": "runs",
+    # train: the training loop
     "autocast_dtype": "train",
+    "cpu_info": "train",
+    "device_name": "train",
+    "make_train_step": "train",
+    "compile_decision": "train",
     "lr_at": "train",
     "margin_loss": "train",
-    "train": "train",
-    "load_checkpoint": "train",
-    "load_run_model": "train",
-    "CheckpointError": "train",
-    "NonFiniteLossError": "train",
     # certification
     "DEFAULT_EPS": "certify",
     "certified_radius": "certify",
@@ -121,6 +139,7 @@ _API = {
     "ball_prediction_changes": "plotting",
     "plot_vector_field": "plotting",
     "plot_transported_grid": "plotting",
+    "plot_network_diagram": "plotting",
     # allocator
     "tune_cpu_allocator": "allocator",
 }

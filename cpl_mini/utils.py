@@ -87,6 +87,8 @@ def glue(name, value, display=False):
     cell (myst-nb's glue), so the prose quotes the run instead of a typed number. Where myst-nb is not
     installed (Colab runs only need ``cpl_mini``), nothing is stored and ``value`` is returned.
     """
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # NumPy and torch scalars are glued as plain Python numbers
     try:
         from myst_nb import glue as myst_glue
     except ImportError:

@@ -84,11 +84,9 @@ def grade(exercise: str, answer: Any, **kwargs: Any) -> Feedback:
     return Feedback(exercise, bool(ok), "" if ok else str(hint))
 
 
-def check(exercise: str, answer: Any, **kwargs: Any) -> bool:
-    """Print the verdict on ``answer`` to exercise ``"N.M"`` and return whether it is right."""
-    feedback = grade(exercise, answer, **kwargs)
-    print(feedback)
-    return feedback.ok
+def check(exercise: str, answer: Any, **kwargs: Any) -> None:
+    """Print the verdict on ``answer`` to exercise ``"N.M"`` (use :func:`grade` to get it as a value)."""
+    print(grade(exercise, answer, **kwargs))
 
 
 def available(chapter: Optional[int] = None) -> List[str]:
