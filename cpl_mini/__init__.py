@@ -12,6 +12,7 @@ Every public name is listed in ``_API`` below with the module that defines it; n
 use, so ``import cpl_mini`` is fast (it does not import torch). Submodules stay importable
 (``cpl_mini.spectral``, ``cpl_mini.layers``, ...) for readers who want to see where a thing lives.
 """
+
 import importlib
 
 __version__ = "0.1.0"
@@ -114,11 +115,11 @@ _API = {
     "load_model_state": "runs",
     "load_run_model": "runs",
     # train: the training loop
-    "autocast_dtype": "train",
-    "cpu_info": "train",
-    "device_name": "train",
+    "autocast_dtype": "fastpath",
+    "cpu_info": "fastpath",
+    "device_name": "fastpath",
     "make_train_step": "train",
-    "compile_decision": "train",
+    "compile_decision": "fastpath",
     "lr_at": "train",
     "margin_loss": "train",
     # certification

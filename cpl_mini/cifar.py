@@ -14,16 +14,15 @@ coarse labels) may ask for one uint8 array ``(N, 3072)`` and integer label array
 exactly ``prod(shape) * itemsize`` bytes; sizes, opcode counts and tar members are capped (constants
 below). Anything else raises :class:`CorruptArchiveError` naming the file (and the tar member).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import hashlib
 import io
-import math
 import os
 import pickle
-import pickletools
 import posixpath
 import tarfile
 import warnings
@@ -33,34 +32,44 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["CIFAR_CLASSES", "CifarData", "CorruptArchiveError", "UnsafePickleError", "ArchiveChecksumWarning",
-           "default_data_root", "load_cifar", "clear_cache"]
+from .safe_pickle import ROW_BYTES, CorruptArchiveError, PickleBudget, UnsafePickleError, load_pickle
 
-CIFAR_CLASSES: Tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                  "ship", "truck")
+__all__ = [
+    "CIFAR_CLASSES",
+    "CifarData",
+    "CorruptArchiveError",
+    "UnsafePickleError",
+    "ArchiveChecksumWarning",
+    "default_data_root",
+    "load_cifar",
+    "clear_cache",
+]
+
+CIFAR_CLASSES: Tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 # A file of N rows may have N (2 * _ROW + _ROW_SLACK) + _FILE_SLACK bytes (a Python-3 protocol-2 re-pickle
 # spells a byte >= 128 with two), 8 N + 4096 pickle opcodes and memo slots; the archive their sum + 8 MiB.
-_ROW = 3072                        # bytes of one picture: 3 planes of 32 x 32
-_ROW_SLACK = 512                   # labels, file names and pickle overhead, per row
-_FILE_SLACK = 1 << 20              # per file; also the most a meta file or an extra member may take
-_OTHER_TOTAL = 4 << 20             # all extra members together (readme.html, ...)
-_STREAM_SLACK = 8 << 20            # tar headers, padding and extra members of the whole archive
+_ROW = ROW_BYTES  # bytes of one picture: 3 planes of 32 x 32
+_ROW_SLACK = 512  # labels, file names and pickle overhead, per row
+_FILE_SLACK = 1 << 20  # per file; also the most a meta file or an extra member may take
+_OTHER_TOTAL = 4 << 20  # all extra members together (readme.html, ...)
+_STREAM_SLACK = 8 << 20  # tar headers, padding and extra members of the whole archive
 _MAX_MEMBERS = 64
-_EXTENDED_MAX = 64 << 10           # pax header or GNU long name
-_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-_DTYPE_CODES = frozenset({"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"})
+_EXTENDED_MAX = 64 << 10  # pax header or GNU long name
 
 
-# ---- Errors, the data container and the two formats ------------------------------------------------
-class CorruptArchiveError(ValueError):
-    """The archive or folder exists but cannot be read as CIFAR (truncated, damaged, wrong content)."""
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A batch file's pickle asked for a global that the CIFAR format never needs (refused, not run)."""
-
-
+# ---- The data container and the two formats ------------------------------------------------
 class ArchiveChecksumWarning(UserWarning):
     """A local archive's md5 is not the official one (it was read all the same)."""
 
@@ -92,8 +101,10 @@ class CifarData:
         return len(self.classes)
 
     def __repr__(self) -> str:
-        return (f"CifarData(name={self.name!r}, train={len(self.train_labels)}, "
-                f"test={len(self.test_labels)}, classes={len(self.classes)})")
+        return (
+            f"CifarData(name={self.name!r}, train={len(self.train_labels)}, "
+            f"test={len(self.test_labels)}, classes={len(self.classes)})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +119,8 @@ class _Spec:
     meta_file: str
     labels: Tuple[Tuple[bytes, int], ...]  # (key, number of classes); the first gives CifarData's labels
     names_key: bytes
-    train_rows: int                        # rows of each training file
-    test_rows: int                         # rows of each test file
+    train_rows: int  # rows of each training file
+    test_rows: int  # rows of each test file
 
     def needed(self) -> List[str]:
         return [*self.train_files, *self.test_files, self.meta_file]
@@ -126,23 +137,43 @@ class _Spec:
 
 _SPECS: Dict[str, _Spec] = {
     "cifar10": _Spec(
-        "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+        "CIFAR-10",
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",),
-        meta_file="batches.meta", labels=((b"labels", 10),), names_key=b"label_names",
-        train_rows=10000, test_rows=10000),
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        meta_file="batches.meta",
+        labels=((b"labels", 10),),
+        names_key=b"label_names",
+        train_rows=10000,
+        test_rows=10000,
+    ),
     "cifar100": _Spec(
-        "CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+        "CIFAR-100",
+        "cifar-100-python",
+        "cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        train_files=("train",), test_files=("test",), meta_file="meta",
-        labels=((b"fine_labels", 100), (b"coarse_labels", 20)), names_key=b"fine_label_names",
-        train_rows=50000, test_rows=10000),
+        train_files=("train",),
+        test_files=("test",),
+        meta_file="meta",
+        labels=((b"fine_labels", 100), (b"coarse_labels", 20)),
+        names_key=b"fine_label_names",
+        train_rows=50000,
+        test_rows=10000,
+    ),
 }
 
 # md5 of known, deliberately different copies -> description for the warning.
-_KNOWN_COPIES: Dict[str, str] = {"04e799a5afef87acf840ae5df223ebd0": (
-    "the known offline copy decoded from a quality-75 JPEG CIFAR-10 (pixel values differ slightly from the "
-    "official release, so accuracies can differ by a fraction of a point)")}
+_KNOWN_COPIES: Dict[str, str] = {
+    "04e799a5afef87acf840ae5df223ebd0": (
+        "the known offline copy decoded from a quality-75 JPEG CIFAR-10 (pixel values differ slightly "
+        "from the "
+        "official release, so accuracies can differ by a fraction of a point)"
+    )
+}
 
 
 def default_data_root() -> Path:
@@ -158,138 +189,6 @@ def default_data_root() -> Path:
     return base / "cpl_mini"
 
 
-# ---- Restricted, format-checked unpickling ---------------------------------------------------------
-class _Pending:
-    """Stands for an array or dtype while unpickling: ``build`` checks the state the pickle gives it."""
-
-    __slots__ = ("build", "value")
-
-    def __init__(self, build, value=None):
-        self.build, self.value = build, value
-
-    def __setstate__(self, state) -> None:
-        self.value = self.build(self.value, state)
-
-
-class _Guard:
-    """The only callables a batch pickle reaches; each checks its arguments against a file of ``rows``
-    rows (``None``: the meta file, which holds no array)."""
-
-    def __init__(self, where: str, rows: Optional[int], title: str):
-        self.where, self.rows, self.title = where, rows, title
-        self.max_ops = 8 * (rows or 0) + 4096
-        self.budget = (rows or 0) * (_ROW + 2 * 8)  # one pixel array and at most two int64 label arrays
-
-    def fail(self, message: str) -> CorruptArchiveError:
-        return CorruptArchiveError(f"{self.where}: {message}")
-
-    def ndarray(self, *args, **kwargs):
-        """What the pickle gets for ``numpy.ndarray``: a marker for ``_reconstruct``, never to be called."""
-        raise self.fail("the pickle calls numpy.ndarray itself (a CIFAR batch only names it as the type to "
-                        "rebuild): refused before allocating anything")
-
-    def reconstruct(self, subtype, shape, code) -> _Pending:
-        if subtype != self.ndarray or shape != (0,) or code not in (b"b", "b"):
-            raise self.fail("refused numpy's _reconstruct with other arguments than its own "
-                            "(ndarray, (0,), 'b'): nothing is allocated from the pickle's say-so")
-        return _Pending(self.build_array)
-
-    def dtype(self, code, align=False, copy=True) -> _Pending:
-        name = code.decode("ascii", "replace") if isinstance(code, bytes) else code
-        if not isinstance(name, str) or name not in _DTYPE_CODES:
-            raise self.fail(f"refused the dtype {str(name)[:20]!r}: a CIFAR batch holds only uint8 "
-                            "pixels and integer labels")
-        return _Pending(self.build_dtype, np.dtype(name))
-
-    def encode(self, text, encoding="utf-8", errors="strict") -> bytes:
-        """``_codecs.encode(str, 'latin1')``: how Python 3 writes bytes in a protocol-2 pickle."""
-        if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
-            raise self.fail("refused _codecs.encode other than str -> latin-1 bytes")
-        return text.encode("latin-1")
-
-    def build_dtype(self, dt: np.dtype, state) -> np.dtype:
-        ok = isinstance(state, tuple) and len(state) == 8 and state[2:5] == (None, None, None)
-        order = state[1] if ok else None
-        order = order.decode("ascii", "replace") if isinstance(order, bytes) else order
-        if order not in ("|", "<", ">", "="):
-            raise self.fail("refused a dtype state that is not numpy's own for an integer type")
-        return dt.newbyteorder(order) if order in ("<", ">") else dt
-
-    def build_array(self, _, state) -> np.ndarray:
-        """Check ``(version, shape, dtype, is_fortran, payload)`` against the format, then view it."""
-        if not isinstance(state, tuple) or len(state) not in (4, 5):
-            raise self.fail("an array's state is not numpy's (shape, dtype, is_fortran, payload)")
-        shape, dtype, fortran, raw = state[-4:]
-        dt = dtype.value if isinstance(dtype, _Pending) else None
-        if not isinstance(dt, np.dtype) or not isinstance(shape, tuple) or type(fortran) not in (bool, int) \
-                or not all(type(d) is int and d >= 0 for d in shape):
-            raise self.fail("an array's state is not numpy's (shape, dtype, is_fortran, payload)")
-        nbytes = math.prod(shape) * dt.itemsize
-        fits = self.rows is not None and (
-            (shape == (self.rows, _ROW) and dt == np.uint8) or (shape == (self.rows,) and dt.kind in "iu"))
-        if not fits:
-            want = (f"a {self.title} file of this kind holds b'data', a uint8 array (N, 3072) with N = "
-                    f"{self.rows}, and N labels") if self.rows else "a meta file holds no array"
-            raise self.fail(f"refused a {dt} array of shape {shape} ({nbytes} bytes) before allocating it: "
-                            + want)
-        if not isinstance(raw, bytes) or len(raw) != nbytes:
-            got = f"{len(raw)} bytes" if isinstance(raw, bytes) else f"a {type(raw).__name__}"
-            raise self.fail(f"refused a {dt} array of shape {shape}: its payload holds {got}, not the "
-                            f"{nbytes} bytes that shape needs")
-        self.budget -= nbytes
-        if self.budget < 0:
-            raise self.fail("holds more arrays than a CIFAR batch (one of pixels, at most two of labels)")
-        return np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C")
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose ``find_class`` admits only checked numpy-array reconstruction."""
-
-    # The only globals CIFAR pickles (Python 2 originals, Python 3 re-pickles) use -> _Guard attribute.
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): "reconstruct",
-               ("numpy._core.multiarray", "_reconstruct"): "reconstruct",
-               ("numpy", "ndarray"): "ndarray", ("numpy", "dtype"): "dtype", ("_codecs", "encode"): "encode"}
-
-    def __init__(self, file, guard: _Guard):
-        super().__init__(file, encoding="bytes")
-        self.guard = guard
-
-    def find_class(self, module: str, name: str):
-        attr = self.ALLOWED.get((module, name))
-        if attr is None:
-            raise UnsafePickleError(
-                f"{self.guard.where}: refused to load the global {module}.{name}: a CIFAR batch only needs "
-                "numpy array reconstruction, so this file is not a genuine CIFAR batch (it could run code). "
-                "Delete it and download the archive again.")
-        return getattr(self.guard, attr)
-
-
-def _unpickle(payload: bytes, guard: _Guard) -> dict:
-    """Walk the opcodes (building nothing: bounded count and memo slots, every length within the file),
-    then unpickle. (The C unpickler allocates a counted ``bytes`` before reading it and grows its memo to
-    twice the largest slot index: an 8-byte pickle could otherwise claim gigabytes.)
-    """
-    try:
-        for count, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(payload)), 1):
-            if count > guard.max_ops:
-                raise guard.fail(f"has more than {guard.max_ops} pickle opcodes, more than the format needs")
-            if op.name in _MEMO_PUTS and arg > guard.max_ops:
-                raise guard.fail(f"asks for memo slot {arg}, more than the format needs ({guard.max_ops})")
-    except CorruptArchiveError:
-        raise
-    except ValueError as exc:  # a counted length past the end, an unknown opcode, no STOP
-        raise guard.fail(f"is not a valid pickle ({exc})") from exc
-    try:
-        obj = _RestrictedUnpickler(io.BytesIO(payload), guard).load()
-    except (CorruptArchiveError, UnsafePickleError):
-        raise
-    except Exception as exc:  # any other failure of a damaged pickle
-        raise guard.fail(f"is not a valid batch pickle ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(obj, dict):
-        raise guard.fail(f"expected a dict, got {type(obj).__name__}")
-    return {key: value.value if isinstance(value, _Pending) else value for key, value in obj.items()}
-
-
 # ---- One file: a batch (pixels and labels) or the meta file (class names) --------------------------
 def _labels(value, key: bytes, rows: int, classes: int, where: str) -> np.ndarray:
     try:
@@ -301,27 +200,32 @@ def _labels(value, key: bytes, rows: int, classes: int, where: str) -> np.ndarra
     if lab.shape != (rows,):
         raise CorruptArchiveError(f"{where}: {rows} images but labels {key!r} of shape {lab.shape}")
     if lab.size and (lab.min() < 0 or lab.max() >= classes):
-        raise CorruptArchiveError(f"{where}: labels {key!r} outside [0, {classes}) "
-                                  f"(min {lab.min()}, max {lab.max()})")
+        raise CorruptArchiveError(
+            f"{where}: labels {key!r} outside [0, {classes}) (min {lab.min()}, max {lab.max()})"
+        )
     return lab.astype(np.int64)
 
 
 def _parse(payload: bytes, fname: str, spec: _Spec, where: str):
     """Unpickle and check one file: ``(data (N, 3072) uint8, labels (N,) int64)``, or the class names."""
     rows = spec.rows(fname)
-    obj = _unpickle(payload, _Guard(where, rows, spec.title))
+    obj = load_pickle(payload, PickleBudget(where, rows, spec.title))
     if rows is None:
         names = obj.get(spec.names_key)
         count = spec.labels[0][1]
-        if not isinstance(names, (list, tuple)) or len(names) != count \
-                or not all(isinstance(n, (bytes, str)) for n in names):
+        if (
+            not isinstance(names, (list, tuple))
+            or len(names) != count
+            or not all(isinstance(n, (bytes, str)) for n in names)
+        ):
             raise CorruptArchiveError(f"{where}: should hold a {spec.names_key!r} list of {count} names")
         return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
     data = obj.get(b"data")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (rows, _ROW):
         got = f"{type(data).__name__} {getattr(data, 'dtype', '')} {tuple(getattr(data, 'shape', ()))}"
-        raise CorruptArchiveError(f"{where}: b'data' should be a uint8 array (N, 3072) with N = {rows}, "
-                                  f"got {got}")
+        raise CorruptArchiveError(
+            f"{where}: b'data' should be a uint8 array (N, 3072) with N = {rows}, got {got}"
+        )
     labels = [_labels(obj.get(key), key, rows, classes, where) for key, classes in spec.labels]
     return data, labels[0]
 
@@ -353,8 +257,10 @@ class _MeteredReader(io.RawIOBase):
         if n:
             self.total += n
             if self.limit is not None and self.total > self.limit:
-                raise CorruptArchiveError(f"it decompresses to more than {self.limit} bytes, more than "
-                                          f"{self.what} can hold (refused before reading further)")
+                raise CorruptArchiveError(
+                    f"it decompresses to more than {self.limit} bytes, more than "
+                    f"{self.what} can hold (refused before reading further)"
+                )
             if self.md5 is not None:
                 self.md5.update(memoryview(b)[:n])
         return n
@@ -368,12 +274,21 @@ class _BoundedTarInfo(tarfile.TarInfo):
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise CorruptArchiveError(f"member {self.name} is a sparse file (never part of CIFAR)")
         if self.type in self.EXTENDED and self.size > _EXTENDED_MAX:
-            raise CorruptArchiveError(f"an extended tar header before offset {self.offset} claims "
-                                      f"{self.size} bytes (at most {_EXTENDED_MAX})")
+            raise CorruptArchiveError(
+                f"an extended tar header before offset {self.offset} claims "
+                f"{self.size} bytes (at most {_EXTENDED_MAX})"
+            )
         return super()._proc_member(tar)
 
-    EXTENDED = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                          tarfile.GNUTYPE_LONGLINK})
+    EXTENDED = frozenset(
+        {
+            tarfile.XHDTYPE,
+            tarfile.XGLTYPE,
+            tarfile.SOLARIS_XHDTYPE,
+            tarfile.GNUTYPE_LONGNAME,
+            tarfile.GNUTYPE_LONGLINK,
+        }
+    )
 
 
 def _read_members(tf: tarfile.TarFile, spec: _Spec) -> Dict[str, object]:
@@ -388,13 +303,17 @@ def _read_members(tf: tarfile.TarFile, spec: _Spec) -> Dict[str, object]:
         if key is None or not member.isfile():
             other += member.size
             if member.size > _FILE_SLACK or other > _OTHER_TOTAL:
-                raise CorruptArchiveError(f"unexpected member {member.name} of {member.size} bytes (a "
-                                          f"{spec.title} archive has only small extra files)")
+                raise CorruptArchiveError(
+                    f"unexpected member {member.name} of {member.size} bytes (a "
+                    f"{spec.title} archive has only small extra files)"
+                )
             continue
         cap = spec.cap(key)
         if member.size > cap:
-            raise CorruptArchiveError(f"member {member.name} claims {member.size} bytes, more than a "
-                                      f"{spec.title} {key} can take ({cap}); refused before reading it")
+            raise CorruptArchiveError(
+                f"member {member.name} claims {member.size} bytes, more than a "
+                f"{spec.title} {key} can take ({cap}); refused before reading it"
+            )
         if key in out:
             raise CorruptArchiveError(f"member {member.name} appears twice")
         payload = tf.extractfile(member).read()
@@ -430,10 +349,19 @@ def _read_archive(path: Path, spec: _Spec) -> Dict[str, object]:
     digest = hashing.md5.hexdigest()
     if digest != spec.md5:
         known = _KNOWN_COPIES.get(digest)
-        what = f"It is {known}." if known else ("It is not a known copy: if results look wrong, delete it "
-                                                f"and download the official archive ({spec.url}).")
-        warnings.warn(f"{path} has md5 {digest}, not the official {spec.md5}. {what}",
-                      ArchiveChecksumWarning, stacklevel=4)
+        what = (
+            f"It is {known}."
+            if known
+            else (
+                "It is not a known copy: if results look wrong, delete it "
+                f"and download the official archive ({spec.url})."
+            )
+        )
+        warnings.warn(
+            f"{path} has md5 {digest}, not the official {spec.md5}. {what}",
+            ArchiveChecksumWarning,
+            stacklevel=4,
+        )
     return out
 
 
@@ -475,7 +403,8 @@ def _md5(path: Path) -> str:
 def _corrupt(path: Path, reason: str, spec: _Spec) -> CorruptArchiveError:
     return CorruptArchiveError(
         f"{path} cannot be read as {spec.title} ({reason}). It is truncated, damaged or not a genuine "
-        f"{spec.title} file: delete it and download it again (load_cifar(download=True) fetches {spec.url}).")
+        f"{spec.title} file: delete it and download it again (load_cifar(download=True) fetches {spec.url})."
+    )
 
 
 def _not_found(root: Path, spec: _Spec, url: str, why: str) -> FileNotFoundError:
@@ -484,7 +413,8 @@ def _not_found(root: Path, spec: _Spec, url: str, why: str) -> FileNotFoundError
         f"{spec.title} not found: looked in {root} for the folder {spec.folder}/ or the archive "
         f"{spec.archive}; {why}. To provide it, download {url}{also} by hand into {root} (keep the name "
         f"{spec.archive}; it is read without extracting), or set the environment variable CPL_MINI_DATA "
-        f"(or pass root=...) to a folder that holds it.")
+        f"(or pass root=...) to a folder that holds it."
+    )
 
 
 def _download(url: str, dest: Path, md5: str, spec: _Spec) -> None:
@@ -504,8 +434,9 @@ def _download(url: str, dest: Path, md5: str, spec: _Spec) -> None:
                 with urllib.request.urlopen(url, timeout=60) as response:
                     what = f"the download of {url} broke off"
                     total = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                              desc=dest.name) as bar:
+                    with tqdm(
+                        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name
+                    ) as bar:
                         for chunk in iter(lambda: response.read(1 << 20), b""):
                             out.write(chunk)
                             h.update(chunk)
@@ -515,7 +446,8 @@ def _download(url: str, dest: Path, md5: str, spec: _Spec) -> None:
         if h.hexdigest() != md5:
             raise CorruptArchiveError(
                 f"the file downloaded from {url} has md5 {h.hexdigest()}, not the expected {md5}: it was "
-                f"deleted. Try again, or download it by hand into {dest.parent} (name {dest.name}).")
+                f"deleted. Try again, or download it by hand into {dest.parent} (name {dest.name})."
+            )
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -535,8 +467,18 @@ def _load(path: Path, files: List[Path], read, spec: _Spec, key_name: str, cache
         data = _assemble(read(path, spec), spec, key_name)
     except (UnsafePickleError, PermissionError):
         raise
-    except (CorruptArchiveError, tarfile.TarError, zlib.error, pickle.UnpicklingError, EOFError, OSError,
-            ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (
+        CorruptArchiveError,
+        tarfile.TarError,
+        zlib.error,
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+    ) as exc:
         # tarfile.ReadError, gzip.BadGzipFile (an OSError: bad header or CRC), zlib.error, EOFError
         reason = str(exc) if isinstance(exc, CorruptArchiveError) else f"{type(exc).__name__}: {exc}"
         digest = _md5(path) if path.is_file() else spec.md5
@@ -548,8 +490,14 @@ def _load(path: Path, files: List[Path], read, spec: _Spec, key_name: str, cache
     return data
 
 
-def load_cifar(name: str = "cifar10", root: Optional[Union[str, os.PathLike]] = None, download: bool = True,
-               url: Optional[str] = None, *, cache: bool = True) -> CifarData:
+def load_cifar(
+    name: str = "cifar10",
+    root: Optional[Union[str, os.PathLike]] = None,
+    download: bool = True,
+    url: Optional[str] = None,
+    *,
+    cache: bool = True,
+) -> CifarData:
     """Load CIFAR-10 or CIFAR-100 (fine labels) as uint8 tensors.
 
     Looks in ``root`` (default :func:`default_data_root`) for the extracted folder

@@ -24,9 +24,9 @@ Several processes: ``torchrun --nproc_per_node=N -m cpl_mini.train ...`` (Distri
 process takes its shard of every global batch). Command line: ``python -m cpl_mini.train --help``
 (:mod:`cpl_mini.cli`).
 """
+
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import pathlib
@@ -34,7 +34,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from . import __version__
 from .allocator import tune_cpu_allocator
 from .certify import DEFAULT_EPS, certified_accuracy
+from .fastpath import autocast_dtype, compile_decision, cpu_info, device_name
 from .models import count_parameters, use_channels_last
 from .runs import (  # noqa: F401  (book_config, load_run_model: re-exported, they lived here before)
     CheckpointError,
@@ -60,17 +61,18 @@ from .runs import (  # noqa: F401  (book_config, load_run_model: re-exported, th
     write_results,
 )
 
-__all__ = ["lr_at", "margin_loss", "cpu_info", "autocast_dtype", "device_name", "make_train_step",
-           "compile_decision", "train", "main"]
+__all__ = [
+    "lr_at",
+    "margin_loss",
+    "cpu_info",
+    "autocast_dtype",
+    "device_name",
+    "make_train_step",
+    "compile_decision",
+    "train",
+    "main",
+]
 
-#: torch.compile's measured cost and gain (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, bf16 autocast):
-#: first compiled step 42 s for the CPU network (11 CPL layers) and 92 s for S (27 CPL layers), a
-#: line through both: ``8 s + 3.2 s`` per CPL layer. Steps got faster by 1.34x (CPU network) and 1.24x
-#: (S): the smaller gain, a saving of 19 % of the eager time, is the one assumed.
-COMPILE_COST_S = (8.0, 3.2)
-COMPILE_SAVING = 0.19
-#: Compile only when the expected saving is at least this multiple of the estimated compile cost.
-COMPILE_MARGIN = 2.0
 #: Eager steps timed at the start of a run before ``compile="auto"`` decides (after one warm-up step).
 PROBE_STEPS = 5
 
@@ -89,57 +91,11 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float = 0.7)
     return F.multi_margin_loss(logits.float(), labels, margin=margin)
 
 
-# -- the machine -------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def cpu_info() -> Tuple[str, FrozenSet[str]]:
-    """``(model name, flags)`` of this machine's CPU, from ``/proc/cpuinfo`` read once per process
-    (``platform.processor()`` and no flags where that file does not exist)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())  # the first processor's lines
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    return name, frozenset(fields.get("flags", "").split())
-
-
-def autocast_dtype(device: torch.device, amp: str = "auto") -> Optional[torch.dtype]:
-    """The autocast dtype for ``device`` (``None`` for float32).
-
-    ``"auto"``: bf16 where the hardware computes in it, that is CUDA compute capability >= 8.0 (Ampere
-    and later; ``torch.cuda.is_bf16_supported()`` also counts emulation, as on a T4 or V100) and CPUs
-    with the ``avx512_bf16`` or ``amx_bf16`` flag; fp16 (with a gradient scaler) on older GPUs; float32
-    elsewhere.
-    """
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return torch.bfloat16 if major >= 8 else torch.float16
-    if device.type == "cpu":
-        flags = cpu_info()[1]
-        return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else None
-    return None
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name and the number of threads."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_info()[0]} ({torch.get_num_threads()} threads)"
-
-
 # -- set-up ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Setup:
     """Where and how this process trains: device, process group, autocast dtype, memory layout."""
+
     device: torch.device
     rank: int = 0
     world: int = 1
@@ -176,8 +132,9 @@ def _set_up(config: TrainConfig) -> _Setup:
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return _Setup(dev, rank, world, autocast_dtype(dev, config.amp),
-                 use_channels_last(config.channels_last, dev))
+    return _Setup(
+        dev, rank, world, autocast_dtype(dev, config.amp), use_channels_last(config.channels_last, dev)
+    )
 
 
 def _check_data(data, config: TrainConfig) -> None:
@@ -186,28 +143,37 @@ def _check_data(data, config: TrainConfig) -> None:
     for split, labels in (("training", data.train_labels), ("test", data.test_labels)):
         labels = torch.as_tensor(labels)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            raise ValueError(f"the {split} labels must lie in [0, {k}) for {config.dataset}, found values "
-                             f"from {int(labels.min())} to {int(labels.max())}; check the data set")
+            raise ValueError(
+                f"the {split} labels must lie in [0, {k}) for {config.dataset}, found values "
+                f"from {int(labels.min())} to {int(labels.max())}; check the data set"
+            )
     n = len(data.train_labels)
     n = n if config.limit_train is None else min(config.limit_train, n)
     if n < config.batch_size:
         what = f"--limit-train {config.limit_train} leaves" if config.limit_train else "the data set has"
-        raise ValueError(f"{what} {n} training images, fewer than one batch of {config.batch_size} (every "
-                         f"training batch is full): use --limit-train {config.batch_size} or more, or a "
-                         "smaller --batch-size")
+        raise ValueError(
+            f"{what} {n} training images, fewer than one batch of {config.batch_size} (every "
+            f"training batch is full): use --limit-train {config.batch_size} or more, or a "
+            "smaller --batch-size"
+        )
 
 
 # -- the step ----------------------------------------------------------------------------------------
-def make_train_step(net: nn.Module, optimizer: torch.optim.Optimizer, margin: float,
-                    amp_dtype: Optional[torch.dtype], device: torch.device,
-                    scaler: Optional["torch.amp.GradScaler"] = None
-                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    margin: float,
+    amp_dtype: Optional[torch.dtype],
+    device: torch.device,
+    scaler: Optional["torch.amp.GradScaler"] = None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The training step ``(x, y) -> loss``: forward under autocast ``amp_dtype`` (none for float32),
     :func:`margin_loss` in float32, backward (through ``scaler`` for fp16), optimiser step.
 
     ``x``: ``(B, 3, H, W)`` pixels, ``y``: ``(B,)`` labels; the learning rate is the optimiser's.
     ``torch.compile`` accepts the returned function as it is.
     """
+
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -222,32 +188,8 @@ def make_train_step(net: nn.Module, optimizer: torch.optim.Optimizer, margin: fl
             loss.backward()
             optimizer.step()
         return loss
+
     return step
-
-
-def compile_decision(remaining_steps: int, eager_step_s: Optional[float], cpl_layers: int,
-                     device_type: str = "cpu") -> Dict[str, object]:
-    """Whether ``torch.compile`` of the step pays for itself in the rest of the run.
-
-    Estimated cost ``8 s + 3.2 s x cpl_layers`` (:data:`COMPILE_COST_S`), expected saving
-    ``COMPILE_SAVING x remaining_steps x eager_step_s`` (19 % of the eager time); compile only when the
-    saving is at least twice the cost. Never on MPS, nor when the run has too few steps to time.
-    Returns ``{"compile", "reason", "estimated_cost_s", "expected_saving_s", "eager_step_s"}``.
-    """
-    cost = COMPILE_COST_S[0] + COMPILE_COST_S[1] * cpl_layers
-    out = {"compile": False, "estimated_cost_s": round(cost, 1),
-           "eager_step_s": None if eager_step_s is None else round(eager_step_s, 4),
-           "expected_saving_s": None}
-    if device_type not in ("cpu", "cuda"):
-        return {**out, "reason": f"torch.compile is not used on {device_type}"}
-    if eager_step_s is None:
-        return {**out, "reason": f"{remaining_steps} steps: too short to repay a compilation"}
-    saving = COMPILE_SAVING * remaining_steps * eager_step_s
-    out.update(compile=saving >= COMPILE_MARGIN * cost, expected_saving_s=round(saving, 1))
-    verdict = "compile" if out["compile"] else "stay eager"
-    out["reason"] = (f"{remaining_steps} steps of {eager_step_s:.3f} s: expected saving {saving:.0f} s vs "
-                     f"compile cost ~{cost:.0f} s -> {verdict}")
-    return out
 
 
 # -- a run in memory ---------------------------------------------------------------------------------
@@ -295,18 +237,39 @@ def _build(config: TrainConfig, setup: _Setup, data, state: Optional[dict], out:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler(dev.type) if setup.amp_dtype == torch.float16 else None
     train_loader, test_loader = cifar_loaders(
-        data, batch_size=config.batch_size, device=dev, seed=config.seed, normalize=False,
-        limit_train=config.limit_train, limit_test=config.limit_test, augment=config.augment,
-        channels_last=setup.channels_last, rank=setup.rank, world_size=setup.world, shard_test=True)
+        data,
+        batch_size=config.batch_size,
+        device=dev,
+        seed=config.seed,
+        normalize=False,
+        limit_train=config.limit_train,
+        limit_test=config.limit_test,
+        augment=config.augment,
+        channels_last=setup.channels_last,
+        rank=setup.rank,
+        world_size=setup.world,
+        shard_test=True,
+    )
     net = model
     if setup.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     step = make_train_step(net, optimizer, config.margin, setup.amp_dtype, dev, scaler)
-    run = _Run(config, setup, model, optimizer, scaler, train_loader, test_loader, step, step,
-               total_steps=len(train_loader) * config.epochs, results_path=out / "results.json",
-               ckpt_path=out / "checkpoint.pt")
+    run = _Run(
+        config,
+        setup,
+        model,
+        optimizer,
+        scaler,
+        train_loader,
+        test_loader,
+        step,
+        step,
+        total_steps=len(train_loader) * config.epochs,
+        results_path=out / "results.json",
+        ckpt_path=out / "checkpoint.pt",
+    )
     if state is not None:
         _resume(run, state)
     return run
@@ -338,8 +301,11 @@ def _start_compile(run: _Run, log: Callable) -> None:
 
 def _apply_compile(run: _Run, decision: Dict[str, object], log: Callable) -> None:
     run.probe = None
-    run.compile_info = {"setting": run.config.compile, "compiled": bool(decision["compile"]),
-                        **{k: v for k, v in decision.items() if k != "compile"}}
+    run.compile_info = {
+        "setting": run.config.compile,
+        "compiled": bool(decision["compile"]),
+        **{k: v for k, v in decision.items() if k != "compile"},
+    }
     if decision["compile"]:
         run.step_fn = torch.compile(run.eager_step)
     if run.setup.is_main:
@@ -357,8 +323,9 @@ def _observe_step(run: _Run, seconds: float, log: Callable) -> None:
         import torch.distributed as dist
 
         dist.all_reduce(median, op=dist.ReduceOp.MAX)
-    decision = compile_decision(run.total_steps - run.step - 1, float(median), run.cpl_layers,
-                                run.setup.device.type)  # the steps after this one
+    decision = compile_decision(
+        run.total_steps - run.step - 1, float(median), run.cpl_layers, run.setup.device.type
+    )  # the steps after this one
     _apply_compile(run, decision, log)
 
 
@@ -388,8 +355,13 @@ def _train_epoch(run: _Run, epoch: int, progress: bool = True, log: Callable = p
     run.train_loader.set_epoch(epoch)
     steps = len(run.train_loader)
     total, count, value = torch.zeros((), device=setup.device), 0, float("nan")
-    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not (progress and setup.is_main), total=steps)
+    bar = tqdm(
+        run.train_loader,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        leave=False,
+        disable=not (progress and setup.is_main),
+        total=steps,
+    )
     for x, y in bar:
         lr = lr_at(run.step, run.total_steps, config.lr)
         for group in run.optimizer.param_groups:
@@ -436,8 +408,12 @@ def _evaluate(run: _Run) -> Dict[str, float]:
 def _end_of_epoch(run: _Run, epoch: int, loss: float, seconds: float, log: Callable) -> None:
     """Evaluation when due, the history entry, the checkpoint and the record (main process)."""
     config = run.config
-    entry = {"epoch": epoch + 1, "loss": loss, "lr_end": lr_at(run.step - 1, run.total_steps, config.lr),
-             "train_seconds": seconds}
+    entry = {
+        "epoch": epoch + 1,
+        "loss": loss,
+        "lr_end": lr_at(run.step - 1, run.total_steps, config.lr),
+        "train_seconds": seconds,
+    }
     if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
         te = time.time()
         entry.update(_evaluate(run))
@@ -446,13 +422,16 @@ def _end_of_epoch(run: _Run, epoch: int, loss: float, seconds: float, log: Calla
     run.history.append(entry)
     if not run.setup.is_main:
         return
-    save_checkpoint(run.ckpt_path, run.model, run.optimizer, epoch + 1, config, run.history, run.step,
-                    run.scaler)
+    save_checkpoint(
+        run.ckpt_path, run.model, run.optimizer, epoch + 1, config, run.history, run.step, run.scaler
+    )
     write_results(run.results_path, _record(run, "running"))
     msg = f"epoch {epoch + 1}/{config.epochs}: loss {loss:.4f}"
     if "clean_acc" in entry:
-        msg += (f" | clean {100 * entry['clean_acc']:.2f}% | certified 36/255 {100 * entry['cert_36']:.2f}%"
-                f" 72/255 {100 * entry['cert_72']:.2f}% 108/255 {100 * entry['cert_108']:.2f}%")
+        msg += (
+            f" | clean {100 * entry['clean_acc']:.2f}% | certified 36/255 {100 * entry['cert_36']:.2f}%"
+            f" 72/255 {100 * entry['cert_72']:.2f}% 108/255 {100 * entry['cert_108']:.2f}%"
+        )
     log(msg + f" | {entry['seconds']:.0f} s")
 
 
@@ -463,29 +442,49 @@ def _record(run: _Run, status: str, message: Optional[str] = None) -> Dict[str, 
     if history and "clean_acc" in history[-1]:
         final = {k: history[-1][k] for k in ("clean_acc", "cert_36", "cert_72", "cert_108")}
     return {
-        "status": status, "message": message, "config": dataclasses.asdict(run.config),
-        "cpl_mini_version": __version__, "torch_version": torch.__version__,
-        "python_version": platform.python_version(), "device": device_name(dev), "device_type": dev.type,
-        "threads": torch.get_num_threads(), "processes": run.setup.world,
+        "status": status,
+        "message": message,
+        "config": dataclasses.asdict(run.config),
+        "cpl_mini_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": device_name(dev),
+        "device_type": dev.type,
+        "threads": torch.get_num_threads(),
+        "processes": run.setup.world,
         "autocast": str(run.setup.amp_dtype).replace("torch.", "") if run.setup.amp_dtype else "off",
-        "channels_last": run.setup.channels_last, "compile": run.compile_info,
-        "parameters": count_parameters(run.model), "epochs_completed": len(history), "history": history,
-        "final": final, "wall_time_s": sum(h["seconds"] for h in history),
+        "channels_last": run.setup.channels_last,
+        "compile": run.compile_info,
+        "parameters": count_parameters(run.model),
+        "epochs_completed": len(history),
+        "history": history,
+        "final": final,
+        "wall_time_s": sum(h["seconds"] for h in history),
     }
 
 
 def _diverged_message(run: _Run, loss: float, epoch: int) -> str:
     kept = run.history[-1]["epoch"] if run.history else run.start_epoch
-    where = f"the last good checkpoint (epoch {kept}) is kept in {run.ckpt_path}" if kept else \
-        "no epoch finished, so there is no checkpoint"
-    return (f"the loss became {loss} in epoch {epoch + 1} (step {run.step}); training stopped on every "
-            f"process and {where}. CPL runs are known to diverge occasionally in long trainings: rerun "
-            "with another --seed, or a lower --lr.")
+    where = (
+        f"the last good checkpoint (epoch {kept}) is kept in {run.ckpt_path}"
+        if kept
+        else "no epoch finished, so there is no checkpoint"
+    )
+    return (
+        f"the loss became {loss} in epoch {epoch + 1} (step {run.step}); training stopped on every "
+        f"process and {where}. CPL runs are known to diverge occasionally in long trainings: rerun "
+        "with another --seed, or a lower --lr."
+    )
 
 
 # -- the whole run -----------------------------------------------------------------------------------
-def train(config: TrainConfig, data=None, progress: bool = True, log: Callable = print,
-          stop_after_epoch: Optional[int] = None) -> Dict[str, object]:
+def train(
+    config: TrainConfig,
+    data=None,
+    progress: bool = True,
+    log: Callable = print,
+    stop_after_epoch: Optional[int] = None,
+) -> Dict[str, object]:
     """Run or continue a training run; returns the record also written to ``results.json``.
 
     Args:
@@ -523,9 +522,18 @@ def train(config: TrainConfig, data=None, progress: bool = True, log: Callable =
             done = run.history[-1]["epoch"] if run.history else 0
             interrupted = isinstance(exc, KeyboardInterrupt)
             what = "interrupted" if interrupted else f"failed ({type(exc).__name__}: {exc})"
-            write_results(results_path, _record(run, "interrupted" if interrupted else "failed", (
-                f"{what} after {done} complete epoch(s); run the same command again to continue from the "
-                "last checkpoint")))
+            write_results(
+                results_path,
+                _record(
+                    run,
+                    "interrupted" if interrupted else "failed",
+                    (
+                        f"{what} after {done} complete epoch(s); run the same command again to continue "
+                        "from the "
+                        "last checkpoint"
+                    ),
+                ),
+            )
         raise
 
 
@@ -535,10 +543,12 @@ def _train_epochs(run: _Run, progress: bool, log: Callable, stop_after_epoch: Op
     if setup.is_main and run.start_epoch < last_epoch:
         model_cfg = run.model.config
         amp = str(setup.amp_dtype).replace("torch.", "") if setup.amp_dtype else "off"
-        log(f"training CPL-{model_cfg['size']} ({count_parameters(run.model) / 1e6:.1f}M parameters) on "
+        log(
+            f"training CPL-{model_cfg['size']} ({count_parameters(run.model) / 1e6:.1f}M parameters) on "
             f"{setup.device.type} [{device_name(setup.device)}], {run.train_loader.num_examples} train "
             f"images, batch {config.batch_size}, {config.epochs} epochs, autocast {amp}, "
-            f"channels_last {setup.channels_last}")
+            f"channels_last {setup.channels_last}"
+        )
     if run.start_epoch < last_epoch:
         _start_compile(run, log)
     status, message = "running", None
@@ -575,8 +585,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: run the same command again to continue {config.out} from its last checkpoint",
-              file=sys.stderr)
+        print(
+            f"interrupted: run the same command again to continue {config.out} from its last checkpoint",
+            file=sys.stderr,
+        )
         return 130
     return 3 if results.get("status") == "nan" else 0
 
