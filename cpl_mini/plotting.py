@@ -1,6 +1,6 @@
-r"""Plot helpers for 2-D pictures: decision regions, certified l2 balls, vector fields, transported grids.
+r"""Plot helpers: decision regions, certified l2 balls, vector fields, transported grids, network diagrams.
 
-Everything here works on *2-D inputs* (points of the plane, shape ``(n, 2)``) and draws with
+All but the last work on *2-D inputs* (points of the plane, shape ``(n, 2)``); each draws with
 matplotlib on an ``Axes`` you pass (a new one is made when ``ax`` is omitted). Each function returns
 what it drew on, so cells can add labels and titles.
 
@@ -11,12 +11,14 @@ what it drew on, so cells can add labels and titles.
   constant on each ball (evidence, not a proof: the proof is the margin certificate).
 * :func:`plot_vector_field`: the arrows of a field ``F(t, x)``.
 * :func:`plot_transported_grid`: the image of a square grid of lines under a map ``phi: (n, 2) -> (n, 2)``.
+* :func:`plot_network_diagram`: a CPL network of the CIFAR chapters as a chain of blocks with shapes.
 
 Models and maps are called under ``torch.no_grad()``, in batches, and never have their mode changed.
 Inputs are sent in the dtype and to the device of the module's first floating parameter (or buffer);
 for a plain callable (a ``lambda``) in ``torch.get_default_dtype()`` on the CPU, unless ``dtype`` is
 given (e.g. ``dtype=torch.float64`` for a lambda around a float64 flow).
 """
+
 import math
 
 import torch
@@ -28,6 +30,7 @@ __all__ = [
     "ball_prediction_changes",
     "plot_vector_field",
     "plot_transported_grid",
+    "plot_network_diagram",
 ]
 
 
@@ -70,7 +73,7 @@ def _apply(fn, x, batch_size=65536, dtype=None):
     outs = []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            outs.append(fn(x[start:start + batch_size]).detach().cpu())
+            outs.append(fn(x[start : start + batch_size]).detach().cpu())
     return torch.cat(outs)
 
 
@@ -121,9 +124,21 @@ def decision_grid(model, xlim, ylim, resolution=200, dtype=None):
     return xx, yy, pred.reshape(shape), score.reshape(shape)
 
 
-def plot_decision_boundary(model, X=None, y=None, ax=None, xlim=None, ylim=None, resolution=200,
-                           cmap="coolwarm", alpha=0.25, boundary_color="k", point_size=12,
-                           show_margin=False, dtype=None):
+def plot_decision_boundary(
+    model,
+    X=None,
+    y=None,
+    ax=None,
+    xlim=None,
+    ylim=None,
+    resolution=200,
+    cmap="coolwarm",
+    alpha=0.25,
+    boundary_color="k",
+    point_size=12,
+    show_margin=False,
+    dtype=None,
+):
     """Filled decision regions of a 2-D classifier, its decision boundary, and the points ``(X, y)``.
 
     Args:
@@ -136,7 +151,6 @@ def plot_decision_boundary(model, X=None, y=None, ax=None, xlim=None, ylim=None,
     Returns:
         The ``Axes`` (aspect equal: distances look like distances, circles look round).
     """
-    import matplotlib.pyplot as plt
     import numpy as np
 
     ax = _axes(ax)
@@ -149,16 +163,28 @@ def plot_decision_boundary(model, X=None, y=None, ax=None, xlim=None, ylim=None,
     ax.contourf(xx.numpy(), yy.numpy(), pred.numpy(), levels=levels, cmap=cmap, alpha=alpha)
     if int(pred.min()) != int(pred.max()):
         # the boundary: where the predicted class changes (level sets between class indices)
-        ax.contour(xx.numpy(), yy.numpy(), pred.numpy(), levels=levels[1:-1], colors=boundary_color,
-                   linewidths=1.5)
+        ax.contour(
+            xx.numpy(), yy.numpy(), pred.numpy(), levels=levels[1:-1], colors=boundary_color, linewidths=1.5
+        )
     if show_margin:
-        cs = ax.contour(xx.numpy(), yy.numpy(), score.numpy(), levels=6, colors="grey", linewidths=0.6,
-                        alpha=0.8)
+        cs = ax.contour(
+            xx.numpy(), yy.numpy(), score.numpy(), levels=6, colors="grey", linewidths=0.6, alpha=0.8
+        )
         ax.clabel(cs, fontsize=7, fmt="%.2g")
     if X is not None:
         c = None if y is None else torch.as_tensor(y).cpu().numpy()
-        ax.scatter(X[:, 0].numpy(), X[:, 1].numpy(), c=c, cmap=cmap, s=point_size, edgecolors="k",
-                   linewidths=0.4, vmin=0, vmax=max(n_classes - 1, 1), zorder=3)
+        ax.scatter(
+            X[:, 0].numpy(),
+            X[:, 1].numpy(),
+            c=c,
+            cmap=cmap,
+            s=point_size,
+            edgecolors="k",
+            linewidths=0.4,
+            vmin=0,
+            vmax=max(n_classes - 1, 1),
+            zorder=3,
+        )
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     ax.set_aspect("equal")
@@ -167,14 +193,16 @@ def plot_decision_boundary(model, X=None, y=None, ax=None, xlim=None, ylim=None,
     return ax
 
 
-def plot_certified_balls(centers, radii, ax=None, color="k", fill_alpha=0.15, linewidth=1.0,
-                         min_radius=0.0, **kwargs):
+def plot_certified_balls(
+    centers, radii, ax=None, color="k", fill_alpha=0.15, linewidth=1.0, min_radius=0.0, **kwargs
+):
     """Draw the l2 balls ``B(c_i, r_i)`` (circles) on ``ax``; the aspect is set equal.
 
     Args:
         centers: ``(n, 2)``; radii: ``(n,)`` (non-negative; balls with ``r_i <= min_radius`` are
             skipped, e.g. misclassified points whose radius is 0).
-        color, fill_alpha, linewidth: look of the circles; extra ``kwargs`` go to ``matplotlib.patches.Circle``.
+        color, fill_alpha, linewidth: look of the circles; extra ``kwargs`` go to
+            ``matplotlib.patches.Circle``.
 
     Returns:
         The ``Axes``. The circles are ``ax.patches`` (one per drawn ball, in the order of ``centers``).
@@ -191,8 +219,18 @@ def plot_certified_balls(centers, radii, ax=None, color="k", fill_alpha=0.15, li
     for (cx, cy), r in zip(centers.tolist(), radii.tolist()):
         if r <= min_radius:
             continue
-        ax.add_patch(Circle((cx, cy), r, facecolor=color, alpha=None, edgecolor=color, fill=False,
-                            linewidth=linewidth, **kwargs))
+        ax.add_patch(
+            Circle(
+                (cx, cy),
+                r,
+                facecolor=color,
+                alpha=None,
+                edgecolor=color,
+                fill=False,
+                linewidth=linewidth,
+                **kwargs,
+            )
+        )
         if fill_alpha > 0:
             ax.add_patch(Circle((cx, cy), r, facecolor=color, edgecolor="none", alpha=fill_alpha))
     ax.set_aspect("equal")
@@ -223,17 +261,18 @@ def ball_prediction_changes(model, centers, radii, n_angles=256, n_rings=8, dtyp
     if n_angles < 1 or n_rings < 1:
         raise ValueError("n_angles and n_rings must be positive")
     ang = torch.arange(n_angles, dtype=torch.float64) * (2 * math.pi / n_angles)
-    unit = torch.stack([ang.cos(), ang.sin()], 1)                                  # (A, 2)
-    fr = torch.arange(1, n_rings + 1, dtype=torch.float64) / n_rings                # (R,)
-    offsets = (fr[:, None, None] * unit[None]).reshape(-1, 2)                       # (R*A, 2)
-    pts = centers[:, None, :] + radii[:, None, None] * offsets[None]                # (n, R*A, 2)
+    unit = torch.stack([ang.cos(), ang.sin()], 1)  # (A, 2)
+    fr = torch.arange(1, n_rings + 1, dtype=torch.float64) / n_rings  # (R,)
+    offsets = (fr[:, None, None] * unit[None]).reshape(-1, 2)  # (R*A, 2)
+    pts = centers[:, None, :] + radii[:, None, None] * offsets[None]  # (n, R*A, 2)
     c_pred = _apply(model, centers, dtype=dtype).argmax(1)
     p_pred = _apply(model, pts.reshape(-1, 2), dtype=dtype).argmax(1).reshape(centers.shape[0], -1)
     return (p_pred != c_pred[:, None]).any(1)
 
 
-def plot_vector_field(field, xlim, ylim, n=20, t=0.0, ax=None, normalize=False, color="0.4", dtype=None,
-                      **kwargs):
+def plot_vector_field(
+    field, xlim, ylim, n=20, t=0.0, ax=None, normalize=False, color="0.4", dtype=None, **kwargs
+):
     """Quiver plot of a vector field ``F(t, x)`` on an ``n x n`` grid (``field(t, x)`` with ``x: (m, 2)``).
 
     Args:
@@ -257,8 +296,15 @@ def plot_vector_field(field, xlim, ylim, n=20, t=0.0, ax=None, normalize=False, 
         raise ValueError(f"the field must map (m, 2) to (m, 2), got {tuple(v.shape)}")
     if normalize:
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    ax.quiver(pts[:, 0].numpy(), pts[:, 1].numpy(), v[:, 0].numpy(), v[:, 1].numpy(), color=color,
-              angles="xy", **kwargs)
+    ax.quiver(
+        pts[:, 0].numpy(),
+        pts[:, 1].numpy(),
+        v[:, 0].numpy(),
+        v[:, 1].numpy(),
+        color=color,
+        angles="xy",
+        **kwargs,
+    )
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     ax.set_aspect("equal")
@@ -267,8 +313,19 @@ def plot_vector_field(field, xlim, ylim, n=20, t=0.0, ax=None, normalize=False, 
     return ax
 
 
-def plot_transported_grid(phi, xlim, ylim, n_lines=11, n_points=100, ax=None, color="C0",
-                          linewidth=0.8, show_original=True, original_color="0.8", dtype=None):
+def plot_transported_grid(
+    phi,
+    xlim,
+    ylim,
+    n_lines=11,
+    n_points=100,
+    ax=None,
+    color="C0",
+    linewidth=0.8,
+    show_original=True,
+    original_color="0.8",
+    dtype=None,
+):
     """Draw the image under ``phi`` of the square grid of ``n_lines`` horizontal and ``n_lines``
     vertical lines of the window ``xlim x ylim`` (each line sampled at ``n_points`` points).
 
@@ -291,7 +348,7 @@ def plot_transported_grid(phi, xlim, ylim, n_lines=11, n_points=100, ax=None, co
     xs = float(xlim[0]) + s * (float(xlim[1]) - float(xlim[0]))
     vertical = torch.stack([ux[:, None].expand(-1, n_points), ys[None].expand(n_lines, -1)], -1)
     horizontal = torch.stack([xs[None].expand(n_lines, -1), uy[:, None].expand(-1, n_points)], -1)
-    grid = torch.cat([vertical, horizontal])                                        # (2L, P, 2)
+    grid = torch.cat([vertical, horizontal])  # (2L, P, 2)
     moved = _apply(phi, grid.reshape(-1, 2), dtype=dtype).double()
     if moved.shape != (grid.shape[0] * n_points, 2):
         raise ValueError(f"phi must map (m, 2) to (m, 2), got {tuple(moved.shape)}")
@@ -305,3 +362,155 @@ def plot_transported_grid(phi, xlim, ylim, n_lines=11, n_points=100, ax=None, co
     ax.set_xlabel("$x_1$")
     ax.set_ylabel("$x_2$")
     return ax, moved
+
+
+# ----------------------------------------------------------------------------- network diagram
+_BLOCK_COLORS = {
+    "input": "0.9",
+    "normalisation": "#e8e0f0",
+    "channel pad": "#eeeeee",
+    "conv CPL": "#cfe2f3",
+    "pool": "#eeeeee",
+    "flatten": "#eeeeee",
+    "dense CPL": "#fce5cd",
+    "head": "#d9ead3",
+}
+
+
+def _layer_block(layer, shape):
+    """``(kind, detail, output shape)`` of one layer of a CPL network fed inputs of ``shape`` (no batch)."""
+    from torch import nn
+
+    from .layers import (
+        ChannelPad,
+        ConvexPotentialConv2d,
+        ConvexPotentialLinear,
+        FirstCoordinates,
+        LipschitzAvgPool2d,
+        RowNormalizedLinear,
+    )
+    from .normalization import InputNormalization
+
+    if isinstance(layer, InputNormalization):
+        return "normalisation", "x \u2212 mean" if layer.std is None else "(x \u2212 mean) / std", shape
+    if isinstance(layer, ChannelPad):
+        out = (layer.channels,) + tuple(shape[1:])
+        return "channel pad", f"{shape[0]} \u2192 {layer.channels} channels", out
+    if isinstance(layer, ConvexPotentialConv2d):
+        k = layer.kernel_size
+        return "conv CPL", f"{k}\u00d7{k}, inner {layer.inner_channels}", shape
+    if isinstance(layer, LipschitzAvgPool2d):
+        k = layer.kernel_size
+        return "pool", f"{k}\u00d7{k} sum / {k}", (shape[0], shape[1] // k, shape[2] // k)
+    if isinstance(layer, nn.Flatten):
+        return "flatten", "", (math.prod(shape),)
+    if isinstance(layer, ConvexPotentialLinear):
+        return "dense CPL", f"inner {layer.inner_features}", shape
+    if isinstance(layer, FirstCoordinates):
+        return "head", f"first {layer.k} logits", (layer.k,)
+    if isinstance(layer, RowNormalizedLinear):
+        return "head", "row-normalised", (layer.out_features,)
+    raise ValueError(
+        f"plot_network_diagram does not know the layer {type(layer).__name__}; it draws the "
+        "networks of cpl_network (CPL layers, ChannelPad, pooling, Flatten, heads)"
+    )
+
+
+def _model_blocks(model, input_shape):
+    shape, blocks = tuple(input_shape), []
+    for layer in model:
+        kind, detail, shape = _layer_block(layer, shape)
+        if kind.endswith("CPL") and blocks and blocks[-1][:2] == [kind, detail]:
+            blocks[-1][3] += 1
+        else:
+            blocks.append([kind, detail, shape, 1])
+    return blocks
+
+
+def _config_blocks(config, input_shape):
+    """The blocks of ``cpl_network(size, ...)`` from a size name, its 4 numbers, or a run configuration."""
+    from .models import SIZES
+
+    size = getattr(config, "size", config)
+    sizes = SIZES.get(size) if isinstance(size, str) else None
+    if sizes is None and isinstance(size, (tuple, list)) and len(size) == 4:
+        sizes = tuple(int(v) for v in size)
+    if sizes is None:
+        raise ValueError(
+            f"give a network (nn.Sequential from cpl_network), a size name among "
+            f"{sorted(SIZES)}, its 4 numbers (depth, depth_linear, channels, features) or a run "
+            f"configuration; got {config!r}"
+        )
+    depth, depth_linear, channels, features = sizes
+    c, h, w = input_shape
+    flat = channels * (h // 4) * (w // 4)
+    blocks = []
+    if hasattr(config, "size"):  # a run configuration: its network starts with the input normalisation
+        std = bool(getattr(config, "std_normalize", False))
+        blocks.append(["normalisation", "(x \u2212 mean) / std" if std else "x \u2212 mean", (c, h, w), 1])
+    blocks.append(["channel pad", f"{c} \u2192 {channels} channels", (channels, h, w), 1])
+    if depth:
+        blocks.append(["conv CPL", "3\u00d73, inner 5", (channels, h, w), depth])
+    blocks += [["pool", "4\u00d74 sum / 4", (channels, h // 4, w // 4), 1], ["flatten", "", (flat,), 1]]
+    if depth_linear:
+        blocks.append(["dense CPL", f"inner {features}", (flat,), depth_linear])
+    lln = getattr(config, "head", "first") == "lln"
+    blocks.append(["head", "row-normalised" if lln else "first 10 logits", (10,), 1])
+    return blocks
+
+
+def plot_network_diagram(model_or_config, ax=None, input_shape=(3, 32, 32), fontsize=8):
+    """Draw a CPL network as a chain of blocks, each with its output shape (channels x height x width).
+
+    Args:
+        model_or_config: an ``nn.Sequential`` made by :func:`~cpl_mini.models.cpl_network` (the shapes
+            are propagated through its layers), a size name of ``SIZES`` (``"CPU"``, ``"S"``, ...; the
+            bare ``cpl_network(size)``), its 4 numbers ``(depth, depth_linear, channels, features)``,
+            or a run configuration with a ``size`` attribute (its network starts with the input
+            normalisation, dividing by the std when ``std_normalize`` is set).
+        ax: the ``Axes`` to draw on (a new wide figure when omitted).
+        input_shape: ``(C, H, W)`` of the input pictures.
+
+    Returns:
+        the ``Axes``. Each block is a rounded box whose text reads ``kind`` (prefixed by ``"k \u00d7 "``
+        for ``k`` consecutive CPL layers), a detail line and, last, the output shape such as
+        ``32\u00d732\u00d732``.
+    """
+    from matplotlib.patches import FancyBboxPatch
+
+    if isinstance(model_or_config, torch.nn.Sequential):
+        blocks = _model_blocks(model_or_config, input_shape)
+    else:
+        blocks = _config_blocks(model_or_config, tuple(input_shape))
+    blocks = [["input", "pixels in [0, 1]", tuple(input_shape), 1]] + blocks
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(1.55 * len(blocks), 1.6))
+    width, gap = 1.55, 0.3
+    for i, (kind, detail, shape, count) in enumerate(blocks):
+        x0 = i * (width + gap)
+        ax.add_patch(
+            FancyBboxPatch(
+                (x0, 0),
+                width,
+                1,
+                boxstyle="round,pad=0.03,rounding_size=0.08",
+                facecolor=_BLOCK_COLORS.get(kind, "white"),
+                edgecolor="0.3",
+            )
+        )
+        title = f"{count} \u00d7 {kind}" if count > 1 else kind
+        lines = [title, detail, "\u00d7".join(str(s) for s in shape)]
+        ax.text(x0 + width / 2, 0.5, "\n".join(lines), ha="center", va="center", fontsize=fontsize)
+        if i:
+            ax.annotate(
+                "",
+                xy=(x0 - 0.02, 0.5),
+                xytext=(x0 - gap + 0.02, 0.5),
+                arrowprops={"arrowstyle": "->", "color": "0.3"},
+            )
+    ax.set_xlim(-0.1, len(blocks) * (width + gap) - gap + 0.1)
+    ax.set_ylim(-0.1, 1.1)
+    ax.set_axis_off()
+    return ax

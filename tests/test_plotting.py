@@ -1,4 +1,5 @@
 """Tests of cpl_mini.plotting against exact geometry (linear classifiers, linear maps)."""
+
 import math
 
 import matplotlib
@@ -90,14 +91,17 @@ def test_plot_decision_boundary_draws_regions_and_points():
 def test_transported_grid_is_the_image_of_the_grid():
     A = torch.tensor([[2.0, 1.0], [0.0, 0.5]], dtype=torch.float64)
     fig, ax = plt.subplots()
-    _, moved = plotting.plot_transported_grid(lambda x: x @ A.T.to(x), (-1, 1), (0, 2), n_lines=5,
-                                              n_points=7, ax=ax)
-    _, ident = plotting.plot_transported_grid(lambda x: x, (-1, 1), (0, 2), n_lines=5, n_points=7,
-                                              show_original=False)
+    _, moved = plotting.plot_transported_grid(
+        lambda x: x @ A.T.to(x), (-1, 1), (0, 2), n_lines=5, n_points=7, ax=ax
+    )
+    _, ident = plotting.plot_transported_grid(
+        lambda x: x, (-1, 1), (0, 2), n_lines=5, n_points=7, show_original=False
+    )
     assert moved.shape == ident.shape == (10, 7, 2)
     # vertical lines at x_1 = -1, -0.5, ..., 1 and horizontal lines at x_2 = 0, 0.5, ..., 2
-    assert torch.allclose(ident[:5, :, 0], torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None].expand(5, 7))
-    assert torch.allclose(ident[5:, :, 1], torch.linspace(0, 2, 5, dtype=torch.float64)[:, None].expand(5, 7))
+    lines = [torch.linspace(a, b, 5, dtype=torch.float64)[:, None].expand(5, 7) for a, b in ((-1, 1), (0, 2))]
+    assert torch.allclose(ident[:5, :, 0], lines[0])
+    assert torch.allclose(ident[5:, :, 1], lines[1])
     # a lambda is evaluated in the default dtype (float32): compare at float32 precision
     assert torch.allclose(moved, ident @ A.T, atol=1e-6)
     assert len(ax.lines) == 20  # 10 original + 10 transported
@@ -108,8 +112,9 @@ def test_transported_grid_is_the_image_of_the_grid():
         seen.append(x.dtype)
         return x @ A.T
 
-    _, moved64 = plotting.plot_transported_grid(phi64, (-1, 1), (0, 2), n_lines=5, n_points=7, ax=ax,
-                                                dtype=torch.float64)
+    _, moved64 = plotting.plot_transported_grid(
+        phi64, (-1, 1), (0, 2), n_lines=5, n_points=7, ax=ax, dtype=torch.float64
+    )
     assert seen == [torch.float64]
     assert torch.allclose(moved64, ident @ A.T, atol=1e-14)
 
@@ -135,3 +140,63 @@ def test_models_are_not_switched_and_no_grad_is_taken():
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     assert math.isclose(float(plotting.decision_grid(model, (0, 1), (0, 1), 3)[3][0, -1]), 1.0)
+
+
+# ----------------------------------------------------------------------------- network diagram
+def _boxes(ax):
+    """The text of each block of a network diagram, as its lines (kind, detail, shape)."""
+    return [t.get_text().split("\n") for t in ax.texts if t.get_text()]
+
+
+def _count_and_shape(lines):
+    count = int(lines[0].split(" \u00d7 ")[0]) if " \u00d7 " in lines[0] else 1
+    return count, tuple(int(v) for v in lines[-1].split("\u00d7"))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"size": "XS"},
+        {"size": "CPU", "mean": torch.zeros(3)},
+        {"size": (2, 1, 8, 64), "head": "lln", "mean": torch.zeros(3), "std": torch.tensor([0.2, 0.25, 0.3])},
+    ],
+)
+def test_network_diagram_shapes_are_those_of_a_forward_pass(kwargs):
+    from cpl_mini import cpl_network, describe
+
+    model = cpl_network(**kwargs)
+    rows = describe(model)  # the reference: output shapes of an actual forward pass, layer by layer
+    ax = plotting.plot_network_diagram(model)
+    boxes = _boxes(ax)
+    assert boxes[0][0] == "input" and boxes[0][-1] == "3\u00d732\u00d732"
+    expanded = []
+    for lines in boxes[1:]:
+        count, shape = _count_and_shape(lines)
+        expanded += [shape] * count
+    assert expanded == [row[2] for row in rows]
+    runs = [name for i, name in enumerate(r[1] for r in rows) if i == 0 or rows[i - 1][1] != name]
+    assert len(boxes) == 1 + len(runs)  # consecutive layers of one kind share a box
+    assert len(ax.patches) == len(boxes)
+
+
+def test_network_diagram_from_a_size_or_a_configuration_matches_the_model():
+    from types import SimpleNamespace
+
+    from cpl_mini import cpl_network
+
+    draw = plotting.plot_network_diagram
+    assert _boxes(draw("CPU")) == _boxes(draw(cpl_network("CPU")))
+    sizes = (3, 2, 16, 128)
+    assert _boxes(draw(sizes)) == _boxes(draw(cpl_network(sizes)))
+    config = SimpleNamespace(size="XS", std_normalize=True, head="lln")
+    model = cpl_network("XS", head="lln", mean=torch.zeros(3), std=torch.ones(3))
+    assert _boxes(draw(config)) == _boxes(draw(model))
+    subtract_only = _boxes(draw(SimpleNamespace(size="XS")))
+    assert subtract_only[1][:2] == ["normalisation", "x \u2212 mean"]
+
+
+def test_network_diagram_refuses_what_it_cannot_draw():
+    with pytest.raises(ValueError, match="size name"):
+        plotting.plot_network_diagram("XXL")
+    with pytest.raises(ValueError, match="does not know the layer ReLU"):
+        plotting.plot_network_diagram(nn.Sequential(nn.Flatten(), nn.ReLU()))
