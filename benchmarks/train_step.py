@@ -39,6 +39,7 @@ Usage (the lead's full run; the S network takes a few minutes on 2 CPU cores)::
 
 Not part of the test suite. See ``benchmarks/README.md``.
 """
+
 import argparse
 import json
 import os
@@ -89,8 +90,8 @@ class PlainCPLConv(_PlainCPL):
     def __init__(self, c, inner=5, n=32):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(inner, c, 3, 3))
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
-        self.bias = nn.Parameter(torch.empty(inner).uniform_(-(c * 9) ** -0.5, (c * 9) ** -0.5))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.bias = nn.Parameter(torch.empty(inner).uniform_(-((c * 9) ** -0.5), (c * 9) ** -0.5))
         self.register_buffer("u", torch.randn(1, c, n, n))
         self.cached = None
 
@@ -105,8 +106,8 @@ class PlainCPLDense(_PlainCPL):
     def __init__(self, d, inner):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(inner, d))
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
-        self.bias = nn.Parameter(torch.empty(inner).uniform_(-d ** -0.5, d ** -0.5))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.bias = nn.Parameter(torch.empty(inner).uniform_(-(d**-0.5), d**-0.5))
         self.register_buffer("u", torch.randn(1, d))
         self.cached = None
 
@@ -171,7 +172,7 @@ def _random_batch(n, dev, seed, channels_last):
 
 def _peak_memory_mib(dev):
     if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        return torch.cuda.max_memory_allocated(dev) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -213,9 +214,15 @@ def run_variant(name, args):
         t = time.perf_counter()
         res = certified_accuracy(model, (x, y), batch_size=args.infer_batch)
         _sync(dev)
-        out.update(certify_s=time.perf_counter() - t, norms_s=t_norm, certify_n=args.certify_n,
-                   channels_last=cl, lipschitz=res["lipschitz"], parameters=count_parameters(model),
-                   peak_mem_mib=_peak_memory_mib(dev))
+        out.update(
+            certify_s=time.perf_counter() - t,
+            norms_s=t_norm,
+            certify_n=args.certify_n,
+            channels_last=cl,
+            lipschitz=res["lipschitz"],
+            parameters=count_parameters(model),
+            peak_mem_mib=_peak_memory_mib(dev),
+        )
         return out
 
     if name == "plain":
@@ -224,17 +231,25 @@ def run_variant(name, args):
     else:
         model = cpl_network(size, mean=torch.zeros(3)).to(dev)  # the training network: normalisation first
         channels_last = name in ("f32-cl", "bf16-cl") or (
-            name in ("default", "compile") and use_channels_last("auto", dev))
-        amp = {"default": autocast_dtype(dev, "auto"), "compile": autocast_dtype(dev, "auto"),
-               "bf16-cl": torch.bfloat16}.get(name)
+            name in ("default", "compile") and use_channels_last("auto", dev)
+        )
+        amp = {
+            "default": autocast_dtype(dev, "auto"),
+            "compile": autocast_dtype(dev, "auto"),
+            "bf16-cl": torch.bfloat16,
+        }.get(name)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-    out.update(parameters=count_parameters(model), channels_last=channels_last,
-               autocast=str(amp).replace("torch.", "") if amp else "off")
+    out.update(
+        parameters=count_parameters(model),
+        channels_last=channels_last,
+        autocast=str(amp).replace("torch.", "") if amp else "off",
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = _random_batch(args.batch, dev, 0, channels_last)
 
     if name == "plain":
+
         def step():
             opt.zero_grad(set_to_none=True)
             loss = F.multi_margin_loss(model(x), y, margin=0.7)
@@ -252,8 +267,13 @@ def run_variant(name, args):
     model.train()
     warmup = max(args.warmup, 2) if name == "compile" else args.warmup
     med, times, first = _timed(step, dev, args.steps, warmup)
-    out.update(train_step_s=med, train_img_s=args.batch / med, epoch_s=50000 * med / args.batch,
-               train_times=times, first_step_s=first)
+    out.update(
+        train_step_s=med,
+        train_img_s=args.batch / med,
+        epoch_s=50000 * med / args.batch,
+        train_times=times,
+        first_step_s=first,
+    )
 
     if args.infer_steps and name != "compile":
         model.eval()
@@ -282,8 +302,10 @@ def machine(dev):
         name, cpu_flags = cpu_info()
         flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni") if f in cpu_flags]
         name += f" [{', '.join(flags) or 'no avx512'}]"
-    return (f"{name} | {os.cpu_count()} logical CPUs | torch {torch.__version__} threads "
-            f"{torch.get_num_threads()} | Python {platform.python_version()}")
+    return (
+        f"{name} | {os.cpu_count()} logical CPUs | torch {torch.__version__} threads "
+        f"{torch.get_num_threads()} | Python {platform.python_version()}"
+    )
 
 
 def _fmt(v, spec):
@@ -291,9 +313,11 @@ def _fmt(v, spec):
 
 
 def table(results, args):
-    lines = [f"| variant | autocast | channels-last | train img/s (batch {args.batch}) | s per 50k epoch | "
-             f"speed-up vs plain | inference img/s (batch {args.infer_batch}, f32) | peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| variant | autocast | channels-last | train img/s (batch {args.batch}) | s per 50k epoch | "
+        f"speed-up vs plain | inference img/s (batch {args.infer_batch}, f32) | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     base = next((r.get("train_img_s") for r in results if r["variant"] == "plain"), None)
     base_i = next((r.get("infer_img_s") for r in results if r["variant"] == "plain"), None)
     for r in results:
@@ -308,16 +332,20 @@ def table(results, args):
             inf += f" ({r['infer_img_s'] / base_i:.2f}x)"
         compiled = r["variant"] == "compile" and r.get("first_step_s")
         extra = f" (first step {r['first_step_s']:.0f} s)" if compiled else ""
-        lines.append(f"| {r['variant']}{extra} | {r['autocast']} | {'yes' if r['channels_last'] else 'no'} | "
-                     f"{r['train_img_s']:.1f} | {r['epoch_s']:.0f} | {up} | {inf} | "
-                     f"{_fmt(r.get('peak_mem_mib'), '.0f')} |")
+        lines.append(
+            f"| {r['variant']}{extra} | {r['autocast']} | {'yes' if r['channels_last'] else 'no'} | "
+            f"{r['train_img_s']:.1f} | {r['epoch_s']:.0f} | {up} | {inf} | "
+            f"{_fmt(r.get('peak_mem_mib'), '.0f')} |"
+        )
     for r in results:
         if r["variant"] == "certify" and "error" not in r:
             lines.append("")
             layout = "channels-last" if r.get("channels_last") else "NCHW"
-            lines.append(f"Certification of {r['certify_n']} images (sound norms, float32, {layout}, batch "
-                         f"{args.infer_batch}): {r['certify_s']:.1f} s in all, of which {r['norms_s']:.1f} s "
-                         f"for the sound norms of all layers (Lipschitz bound {r['lipschitz']:.6f}).")
+            lines.append(
+                f"Certification of {r['certify_n']} images (sound norms, float32, {layout}, batch "
+                f"{args.infer_batch}): {r['certify_s']:.1f} s in all, of which {r['norms_s']:.1f} s "
+                f"for the sound norms of all layers (Lipschitz bound {r['lipschitz']:.6f})."
+            )
     return "\n".join(lines)
 
 
@@ -330,8 +358,11 @@ def main(argv=None):
     p.add_argument("--infer-batch", type=int, default=500)
     p.add_argument("--infer-steps", type=int, default=3, help="timed inference batches (0: skip)")
     p.add_argument("--certify-n", type=int, default=10000, help="images for the certification timing")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated, from {', '.join(ALL_VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, from {', '.join(ALL_VARIANTS)}",
+    )
     p.add_argument("--compile", action="store_true", help="add the torch.compile variant")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -364,12 +395,16 @@ def main(argv=None):
     if bad:
         p.error(f"unknown variants {bad}; choose from {ALL_VARIANTS}")
     print(f"machine: {machine(dev)}")
-    print(f"network CPL-{args.size.upper()}, batch {args.batch}, {args.steps} timed steps after "
-          f"{args.warmup} warm-up, random data of CIFAR shape; each variant in its own process", flush=True)
+    print(
+        f"network CPL-{args.size.upper()}, batch {args.batch}, {args.steps} timed steps after "
+        f"{args.warmup} warm-up, random data of CIFAR shape; each variant in its own process",
+        flush=True,
+    )
     results = []
     for v in variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", v] + [
-            a for a in (argv if argv is not None else sys.argv[1:])]
+            a for a in (argv if argv is not None else sys.argv[1:])
+        ]
         env = dict(os.environ)
         env.pop("GLIBC_TUNABLES", None) if v == "plain" else None  # the reference: glibc defaults
         t = time.perf_counter()
@@ -378,22 +413,29 @@ def main(argv=None):
         if line is None:
             res = {"variant": v, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"}
         else:
-            res = json.loads(line[len("RESULT "):])
+            res = json.loads(line[len("RESULT ") :])
         res["process_s"] = time.perf_counter() - t
         results.append(res)
         if "error" in res:
             print(f"  {v}: FAILED {res['error']}", flush=True)
         elif v == "certify":
-            print(f"  {v}: {res['certify_s']:.1f} s for {res['certify_n']} images "
-                  f"(norms {res['norms_s']:.1f} s)", flush=True)
+            print(
+                f"  {v}: {res['certify_s']:.1f} s for {res['certify_n']} images "
+                f"(norms {res['norms_s']:.1f} s)",
+                flush=True,
+            )
         else:
-            print(f"  {v}: {res['train_img_s']:.1f} train img/s, inference "
-                  f"{_fmt(res.get('infer_img_s'), '.0f')} img/s ({res['process_s']:.0f} s)", flush=True)
+            print(
+                f"  {v}: {res['train_img_s']:.1f} train img/s, inference "
+                f"{_fmt(res.get('infer_img_s'), '.0f')} img/s ({res['process_s']:.0f} s)",
+                flush=True,
+            )
     print()
     print(table(results, args))
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"machine": machine(dev), "args": vars(args),
-                                                       "results": results}, indent=2))
+        pathlib.Path(args.json).write_text(
+            json.dumps({"machine": machine(dev), "args": vars(args), "results": results}, indent=2)
+        )
     return 0
 
 

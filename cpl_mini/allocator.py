@@ -7,6 +7,7 @@ mmap'd blocks), a large ``M_TRIM_THRESHOLD`` and ``M_TOP_PAD`` with ``mallopt``:
 in the heap and is reused. Measured 1.3-2.7x on training and up to 3.4x on inference (see
 ``benchmarks/RESULTS.md``). It is a no-op where glibc is absent.
 """
+
 import ctypes
 import ctypes.util
 import sys

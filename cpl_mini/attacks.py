@@ -34,6 +34,7 @@ restores its train/eval state; gradients are taken with respect to the input onl
 ``.grad`` are never touched). Random draws use a private CPU ``torch.Generator`` seeded by ``seed``
 (the global RNG is untouched; results are reproducible on any device).
 """
+
 import contextlib
 import math
 from typing import Callable, Optional, Tuple, Union
@@ -84,11 +85,14 @@ def _per_example(value, n, like, name):
     if t.dim() == 0:
         t = t.expand(n)
     if t.shape != (n,):
-        raise ValueError(f"{name} must be a number or a tensor of shape ({n},) (one value per example), "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be a number or a tensor of shape ({n},) (one value per example), "
+            f"got shape {tuple(t.shape)}"
+        )
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-        raise ValueError(f"{name} must be finite and >= 0, got values in "
-                         f"[{t.min().item()}, {t.max().item()}]")
+        raise ValueError(
+            f"{name} must be finite and >= 0, got values in [{t.min().item()}, {t.max().item()}]"
+        )
     return t.clone()
 
 
@@ -99,15 +103,19 @@ def _bound(value, x, name):
     try:
         torch.broadcast_shapes(t.shape, x.shape)
     except RuntimeError:
-        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast against the inputs "
-                         f"{tuple(x.shape)}; give e.g. per-channel values of shape (C, 1, 1)") from None
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} does not broadcast against the inputs "
+            f"{tuple(x.shape)}; give e.g. per-channel values of shape (C, 1, 1)"
+        ) from None
     return t
 
 
 def _prepare(model, x, y, lower, upper):
     if not torch.is_tensor(x) or x.dim() < 2:
-        raise ValueError("x must be a batch tensor of shape (N, *features); "
-                         "add a batch dimension with x.unsqueeze(0) for a single input")
+        raise ValueError(
+            "x must be a batch tensor of shape (N, *features); "
+            "add a batch dimension with x.unsqueeze(0) for a single input"
+        )
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point (the model's input scale), got {x.dtype}")
     if isinstance(model, nn.Module):  # the model's device and floating dtype, as lipschitz.py does
@@ -122,8 +130,10 @@ def _prepare(model, x, y, lower, upper):
     lo, hi = _bound(lower, x, "lower"), _bound(upper, x, "upper")
     tol = 1e-5
     if lo is not None and bool((x < lo - tol).any()) or hi is not None and bool((x > hi + tol).any()):
-        raise ValueError("the inputs x lie outside the box [lower, upper]; pass the bounds in the model's "
-                         "input scale (e.g. (0 - mean) / std and (1 - mean) / std) or lower=upper=None")
+        raise ValueError(
+            "the inputs x lie outside the box [lower, upper]; pass the bounds in the model's "
+            "input scale (e.g. (0 - mean) / std and (1 - mean) / std) or lower=upper=None"
+        )
     return x, y, lo, hi
 
 
@@ -187,8 +197,9 @@ def _objective(logits, y, m, loss, targeted, target=None):
     return ce if targeted else -ce
 
 
-def _pgd_run(model, x, y, eps, alpha, steps, start, generator, targeted, loss, lo, hi, stop_early,
-             target=None):
+def _pgd_run(
+    model, x, y, eps, alpha, steps, start, generator, targeted, loss, lo, hi, stop_early, target=None
+):
     """One PGD run; returns the iterate of lowest margin per example and that margin."""
     z = _project(x, _random_in_ball(x, eps, generator), eps, lo, hi) if start == "random" else x.clone()
     best_z, best_m = z.clone(), torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
@@ -210,8 +221,22 @@ def _pgd_run(model, x, y, eps, alpha, steps, start, generator, targeted, loss, l
     return best_z, best_m
 
 
-def _pgd(model, x, y, eps, steps, step_size, restarts, generator, targeted, loss, lo, hi, stop_early=False,
-         n_targets=0):
+def _pgd(
+    model,
+    x,
+    y,
+    eps,
+    steps,
+    step_size,
+    restarts,
+    generator,
+    targeted,
+    loss,
+    lo,
+    hi,
+    stop_early=False,
+    n_targets=0,
+):
     """PGD on prepared tensors, inside ``_attack_mode``; returns ``(x_adv, margin)``."""
     n = x.shape[0]
     alpha = 2.5 * eps / max(steps, 1) if step_size is None else _per_example(step_size, n, x, "step_size")
@@ -228,9 +253,22 @@ def _pgd(model, x, y, eps, steps, step_size, restarts, generator, targeted, loss
         idx = torch.arange(n, device=x.device) if r == 0 else (best_m > 0).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        z, m = _pgd_run(model, x[idx], y[idx], eps[idx], alpha[idx], steps, start, generator, targeted, loss,
-                        None if lo is None else _sub(lo, idx, x), None if hi is None else _sub(hi, idx, x),
-                        stop_early, None if k is None else ranked[idx, k])
+        z, m = _pgd_run(
+            model,
+            x[idx],
+            y[idx],
+            eps[idx],
+            alpha[idx],
+            steps,
+            start,
+            generator,
+            targeted,
+            loss,
+            None if lo is None else _sub(lo, idx, x),
+            None if hi is None else _sub(hi, idx, x),
+            stop_early,
+            None if k is None else ranked[idx, k],
+        )
         better = m < best_m[idx]
         best_m[idx] = torch.where(better, m, best_m[idx])
         best_z[idx] = torch.where(_view(better, z), z, best_z[idx])
@@ -260,10 +298,21 @@ def _check_common(steps, restarts, loss, n_targets=0, targeted=False):
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
-def pgd_l2(model: Model, x: torch.Tensor, y: torch.Tensor, eps: Radius, steps: int = 50,
-           step_size: Optional[Radius] = None, restarts: int = 1, seed: int = 0, targeted: bool = False,
-           loss: str = "margin", lower=None, upper=None,
-           n_targets: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def pgd_l2(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: Radius,
+    steps: int = 50,
+    step_size: Optional[Radius] = None,
+    restarts: int = 1,
+    seed: int = 0,
+    targeted: bool = False,
+    loss: str = "margin",
+    lower=None,
+    upper=None,
+    n_targets: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""Projected gradient descent on the margin inside the l2 ball ``B(x, eps)`` (Madry et al., 2018).
 
     Each run iterates ``x'_{k+1} = Pi(x'_k - alpha g_k / ||g_k||)`` for ``steps`` steps, with ``g_k`` the
@@ -303,8 +352,21 @@ def pgd_l2(model: Model, x: torch.Tensor, y: torch.Tensor, eps: Radius, steps: i
     eps = _per_example(eps, x.shape[0], x, "eps")
     generator = torch.Generator().manual_seed(int(seed))
     with _attack_mode(model, x.device):
-        x_adv, m = _pgd(model, x, y, eps, int(steps), step_size, int(restarts), generator, targeted, loss,
-                        lo, hi, n_targets=int(n_targets))
+        x_adv, m = _pgd(
+            model,
+            x,
+            y,
+            eps,
+            int(steps),
+            step_size,
+            int(restarts),
+            generator,
+            targeted,
+            loss,
+            lo,
+            hi,
+            n_targets=int(n_targets),
+        )
     return x_adv.detach(), m <= 0
 
 
@@ -346,10 +408,22 @@ class _MinimalSearch:
     def attack(self, idx, eps):
         """PGD at radius ``eps`` on the examples ``idx``; records the (shrunk) witnesses; returns success."""
         x = self.x
-        z, m = _pgd(self.model, x[idx], self.y[idx], eps, self.steps, None, self.restarts, self.generator,
-                    self.targeted, self.loss, None if self.lo_box is None else _sub(self.lo_box, idx, x),
-                    None if self.hi_box is None else _sub(self.hi_box, idx, x), stop_early=True,
-                    n_targets=self.n_targets)
+        z, m = _pgd(
+            self.model,
+            x[idx],
+            self.y[idx],
+            eps,
+            self.steps,
+            None,
+            self.restarts,
+            self.generator,
+            self.targeted,
+            self.loss,
+            None if self.lo_box is None else _sub(self.lo_box, idx, x),
+            None if self.hi_box is None else _sub(self.hi_box, idx, x),
+            stop_early=True,
+            n_targets=self.n_targets,
+        )
         ok = m <= 0
         if bool(ok.any()):
             j = idx[ok]
@@ -390,12 +464,25 @@ class _MinimalSearch:
             self.lo[idx[~ok]] = mid[~ok]
 
 
-def minimal_adversarial_l2(model: Model, x: torch.Tensor, y: torch.Tensor, steps: int = 50,
-                           restarts: int = 1, search_steps: int = 10, eps_init: Radius = 1.0,
-                           eps_max: Optional[float] = None, max_doublings: int = 10, seed: int = 0,
-                           targeted: bool = False, loss: str = "margin", lower=None, upper=None,
-                           shrink_steps: int = 10, batch_size: Optional[int] = None,
-                           n_targets: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def minimal_adversarial_l2(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 50,
+    restarts: int = 1,
+    search_steps: int = 10,
+    eps_init: Radius = 1.0,
+    eps_max: Optional[float] = None,
+    max_doublings: int = 10,
+    seed: int = 0,
+    targeted: bool = False,
+    loss: str = "margin",
+    lower=None,
+    upper=None,
+    shrink_steps: int = 10,
+    batch_size: Optional[int] = None,
+    n_targets: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""The smallest l2 perturbation PGD finds per example: an **upper** bound of the distance to the
     nearest adversarial example ``d*(x)``, with the perturbed input as a witness.
 
@@ -427,8 +514,11 @@ def minimal_adversarial_l2(model: Model, x: torch.Tensor, y: torch.Tensor, steps
         that margin can be within rounding of 0.
     """
     _check_common(steps, restarts, loss, n_targets, targeted)
-    for name, v in (("search_steps", search_steps), ("max_doublings", max_doublings),
-                    ("shrink_steps", shrink_steps)):
+    for name, v in (
+        ("search_steps", search_steps),
+        ("max_doublings", max_doublings),
+        ("shrink_steps", shrink_steps),
+    ):
         if int(v) != v or v < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
     x, y, lo_box, hi_box = _prepare(model, x, y, lower, upper)
@@ -442,10 +532,24 @@ def minimal_adversarial_l2(model: Model, x: torch.Tensor, y: torch.Tensor, steps
         for i, start in enumerate(range(0, n, int(batch_size))):
             sl = slice(start, start + int(batch_size))
             d, a = minimal_adversarial_l2(
-                model, x[sl], y[sl], steps, restarts, search_steps, eps_init[sl],
-                eps_max if math.isfinite(eps_max) else None, max_doublings, seed + 100003 * i, targeted, loss,
+                model,
+                x[sl],
+                y[sl],
+                steps,
+                restarts,
+                search_steps,
+                eps_init[sl],
+                eps_max if math.isfinite(eps_max) else None,
+                max_doublings,
+                seed + 100003 * i,
+                targeted,
+                loss,
                 None if lo_box is None else _sub(lo_box, sl, x),
-                None if hi_box is None else _sub(hi_box, sl, x), shrink_steps, None, n_targets)
+                None if hi_box is None else _sub(hi_box, sl, x),
+                shrink_steps,
+                None,
+                n_targets,
+            )
             dists.append(d)
             advs.append(a)
         return torch.cat(dists), torch.cat(advs)

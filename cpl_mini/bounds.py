@@ -21,6 +21,7 @@ their norm, batch norms use batch statistics), so :func:`lipschitz_upper_bound` 
 with a part in training mode (``ValueError``: call ``model.eval()`` first) instead of bounding a
 function other than the one that runs.
 """
+
 import math
 from fractions import Fraction
 
@@ -41,14 +42,18 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _check_eval_mode(module: nn.Module) -> None:
-    training = [name or type(module).__name__ for name, m in module.named_modules()
-                if m.training and type(m) not in _CONTAINERS]
+    training = [
+        name or type(module).__name__
+        for name, m in module.named_modules()
+        if m.training and type(m) not in _CONTAINERS
+    ]
     if training:
         shown = ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
         raise ValueError(
             f"lipschitz_upper_bound bounds networks in evaluation mode, but {len(training)} part(s) are in "
             f"training mode ({shown}), where dropout rescales and the CPL layers use a power-iteration "
-            "estimate of their norm; call model.eval() first.")
+            "estimate of their norm; call model.eval() first."
+        )
 
 
 def _bound(module: nn.Module) -> float:
@@ -66,7 +71,8 @@ def _bound(module: nn.Module) -> float:
     raise TypeError(
         f"lipschitz_upper_bound does not know a sound bound for {type(module).__name__}; "
         "give the module a `lipschitz_bound()` method returning a guaranteed upper bound "
-        "(see cpl_mini.bounds).")
+        "(see cpl_mini.bounds)."
+    )
 
 
 def lipschitz_upper_bound(module: nn.Module) -> float:

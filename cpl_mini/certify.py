@@ -15,6 +15,7 @@ float64 radii; float32 or lower give float32). Certification uses the *sound* ev
 (guaranteed upper bounds), never autocast, and IEEE float32 (TF32 off,
 :func:`~cpl_mini.precision.ieee_precision`).
 """
+
 import argparse
 import json
 import math
@@ -40,8 +41,14 @@ from .precision import (
     sub_down,
 )
 
-__all__ = ["DEFAULT_EPS", "certified_radius", "certified_radius_pairwise", "certified_accuracy",
-           "network_lipschitz", "main"]
+__all__ = [
+    "DEFAULT_EPS",
+    "certified_radius",
+    "certified_radius_pairwise",
+    "certified_accuracy",
+    "network_lipschitz",
+    "main",
+]
 
 #: The radii reported in the literature on CIFAR-10: 36/255, 72/255, 108/255.
 DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
@@ -53,8 +60,9 @@ SQRT2_DOWN = math.nextafter(SQRT2_UP, 0)
 
 def _check(logits, labels):
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits (N, K) and labels (N,), got {tuple(logits.shape)} and "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"expected logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
@@ -101,8 +109,9 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: floa
     return cast_down(_divide_down(margin, den), _radius_dtype(logits.dtype)).to(logits.device)
 
 
-def certified_radius_pairwise(logits: torch.Tensor, labels: torch.Tensor, pairwise_lipschitz: torch.Tensor,
-                              lipschitz: float = 1.0) -> torch.Tensor:
+def certified_radius_pairwise(
+    logits: torch.Tensor, labels: torch.Tensor, pairwise_lipschitz: torch.Tensor, lipschitz: float = 1.0
+) -> torch.Tensor:
     """Per-example radius ``min_{j != y} (f_y - f_j) / (L * K_{yj})`` for a head with pairwise constants.
 
     ``pairwise_lipschitz``: ``(K, K)`` matrix with ``K_{yj}`` a guaranteed bound of the Lipschitz
@@ -117,8 +126,9 @@ def certified_radius_pairwise(logits: torch.Tensor, labels: torch.Tensor, pairwi
     labels = labels.to(z.device)
     k = pairwise_lipschitz.detach().to(device=z.device, dtype=torch.float64)
     if k.shape != (z.shape[1], z.shape[1]):
-        raise ValueError(f"pairwise_lipschitz must have shape ({z.shape[1]}, {z.shape[1]}), "
-                         f"got {tuple(k.shape)}")
+        raise ValueError(
+            f"pairwise_lipschitz must have shape ({z.shape[1]}, {z.shape[1]}), got {tuple(k.shape)}"
+        )
     diff = sub_down(z.gather(1, labels[:, None]).expand_as(z), z)  # (N, K): f_y - f_j, rounded down
     scale = k[labels] * lip  # (N, K)
     ratio = _divide_down(diff, (torch.where(scale > 0, next_down(scale), scale), next_up(scale)))
@@ -146,7 +156,7 @@ def _batches(data, batch_size, device, dtype):
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         x_all, y_all = data
         for i in range(0, len(x_all), batch_size):
-            yield x_all[i:i + batch_size].to(device, dtype), y_all[i:i + batch_size].to(device)
+            yield x_all[i : i + batch_size].to(device, dtype), y_all[i : i + batch_size].to(device)
     else:
         for x, y in data:
             yield x.to(device, dtype), y.to(device)
@@ -156,9 +166,11 @@ def _model_dtype_device(model, device):
     params = [p for p in model.parameters() if p.is_floating_point()]
     low = sorted({str(p.dtype) for p in params if p.dtype not in (torch.float32, torch.float64)})
     if low:
-        raise ValueError(f"certified_accuracy certifies in float32 or float64, but the model has "
-                         f"{', '.join(low)} parameters; certify a float32 copy "
-                         "(copy.deepcopy(model).float()): the network certified is then that copy")
+        raise ValueError(
+            f"certified_accuracy certifies in float32 or float64, but the model has "
+            f"{', '.join(low)} parameters; certify a float32 copy "
+            "(copy.deepcopy(model).float()): the network certified is then that copy"
+        )
     dtype = torch.float64 if params and all(p.dtype == torch.float64 for p in params) else torch.float32
     if device is None:
         device = params[0].device if params else torch.device("cpu")
@@ -174,9 +186,14 @@ def _eps_tuple(eps):
 
 
 @torch.no_grad()
-def certified_accuracy(model: nn.Module, data: Any, eps: Union[float, Iterable[float]] = DEFAULT_EPS,
-                       input_lipschitz: Optional[float] = None, batch_size: int = 500,
-                       device: Union[str, torch.device, None] = None) -> Dict[str, Any]:
+def certified_accuracy(
+    model: nn.Module,
+    data: Any,
+    eps: Union[float, Iterable[float]] = DEFAULT_EPS,
+    input_lipschitz: Optional[float] = None,
+    batch_size: int = 500,
+    device: Union[str, torch.device, None] = None,
+) -> Dict[str, Any]:
     """Clean accuracy, certified accuracy at each ``eps`` and all radii, with sound bounds.
 
     Args:
@@ -243,8 +260,11 @@ def certified_accuracy(model: nn.Module, data: Any, eps: Union[float, Iterable[f
 
 def format_table(result: Dict[str, Any]) -> str:
     """A small text table of a :func:`certified_accuracy` result."""
-    lines = [f"{'eps':>10} | {'certified accuracy':>18}", "-" * 32,
-             f"{'clean':>10} | {100 * result['accuracy']:17.2f}%"]
+    lines = [
+        f"{'eps':>10} | {'certified accuracy':>18}",
+        "-" * 32,
+        f"{'clean':>10} | {100 * result['accuracy']:17.2f}%",
+    ]
     for e, acc in result["certified"].items():
         lines.append(f"{round(e * 255):>6}/255 | {100 * acc:17.2f}%")
     return "\n".join(lines)
@@ -260,27 +280,41 @@ def _load_run_model():
 
 def main(argv=None) -> int:
     """``python -m cpl_mini.certify RUN_DIR``: certify the test set with a run's checkpoint."""
-    parser = argparse.ArgumentParser(prog="python -m cpl_mini.certify",
-                                     description="Certified l2 accuracy of a trained run (sound bounds).")
+    parser = argparse.ArgumentParser(
+        prog="python -m cpl_mini.certify",
+        description="Certified l2 accuracy of a trained run (sound bounds).",
+    )
     parser.add_argument("run_dir", type=pathlib.Path, help="a folder written by python -m cpl_mini.train")
-    parser.add_argument("--data-root", default=None,
-                        help="CIFAR folder (default: $CPL_MINI_DATA or the cache)")
+    parser.add_argument(
+        "--data-root", default=None, help="CIFAR folder (default: $CPL_MINI_DATA or the cache)"
+    )
     parser.add_argument("--limit-test", type=int, default=None, help="certify only the first N test images")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     start = time.time()
-    model, test_loader, cfg = _load_run_model()(args.run_dir, data_root=args.data_root, device=args.device,
-                                                limit_test=args.limit_test)
+    model, test_loader, cfg = _load_run_model()(
+        args.run_dir, data_root=args.data_root, device=args.device, limit_test=args.limit_test
+    )
     result = certified_accuracy(model, test_loader)
     seconds = time.time() - start
     if args.json:
-        print(json.dumps({"accuracy": result["accuracy"],
-                          "certified": {f"{round(e * 255)}/255": v for e, v in result["certified"].items()},
-                          "n": result["n"], "lipschitz": result["lipschitz"], "seconds": seconds}))
+        print(
+            json.dumps(
+                {
+                    "accuracy": result["accuracy"],
+                    "certified": {f"{round(e * 255)}/255": v for e, v in result["certified"].items()},
+                    "n": result["n"],
+                    "lipschitz": result["lipschitz"],
+                    "seconds": seconds,
+                }
+            )
+        )
     else:
-        print(f"run {args.run_dir} | network {_config_value(cfg, 'size')} | {result['n']} test images | "
-              f"Lipschitz bound {result['lipschitz']:.6f} | {seconds:.1f} s")
+        print(
+            f"run {args.run_dir} | network {_config_value(cfg, 'size')} | {result['n']} test images | "
+            f"Lipschitz bound {result['lipschitz']:.6f} | {seconds:.1f} s"
+        )
         print(format_table(result))
     return 0
 

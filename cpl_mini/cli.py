@@ -5,6 +5,7 @@ from the field's metadata; booleans are ``--name/--no-name`` pairs, the auto/on/
 ``auto``, ``on`` or ``off`` (``true``/``false`` too). Adding a field to :class:`TrainConfig` adds its
 option; nothing here needs to change.
 """
+
 import argparse
 import dataclasses
 import typing
@@ -28,8 +29,12 @@ Several processes: torchrun --nproc_per_node=N -m cpl_mini.train [options]."""
 
 EPILOG = "exit status: 0 finished or stopped, 2 bad input, 3 the loss diverged (NaN), 130 interrupted"
 
-_DEFAULT_TEXT = {"limit_train": "all", "limit_test": "all", "threads": "PyTorch's choice",
-                 "data_root": "$CPL_MINI_DATA, then the user cache"}
+_DEFAULT_TEXT = {
+    "limit_train": "all",
+    "limit_test": "all",
+    "threads": "PyTorch's choice",
+    "data_root": "$CPL_MINI_DATA, then the user cache",
+}
 
 
 class _Switch(argparse.BooleanOptionalAction):
@@ -54,8 +59,12 @@ def _value_type(annotation):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser: one option per :class:`TrainConfig` field, plus ``--progress/--no-progress``."""
-    parser = argparse.ArgumentParser(prog="python -m cpl_mini.train", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cpl_mini.train",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
@@ -71,14 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         elif meta.get("choices"):
             convert = _setting if meta.get("kind") == "switch" else str.upper if field.name == "size" else str
             bare = {"nargs": "?", "const": "on"} if meta.get("kind") == "switch" else {}  # --compile: on
-            parser.add_argument(flag, type=convert, choices=meta["choices"], default=default, help=help_text,
-                                **bare)
+            parser.add_argument(
+                flag, type=convert, choices=meta["choices"], default=default, help=help_text, **bare
+            )
         else:
             text = "DIR" if field.name in ("out", "data_root") else "TEXT"
             metavar = {int: "N", float: "X"}.get(kind, text)
             parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=help_text)
-    parser.add_argument("--progress", action=_Switch, default=True,
-                        help="show progress bars (default: progress)")
+    parser.add_argument(
+        "--progress", action=_Switch, default=True, help="show progress bars (default: progress)"
+    )
     return parser
 
 
@@ -92,4 +103,3 @@ def parse_train_args(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig,
     except ValueError as exc:
         parser.error(str(exc))
     return config, progress
-

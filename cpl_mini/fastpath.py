@@ -19,6 +19,7 @@ __all__ = [
     "COMPILE_COST_S",
     "COMPILE_SAVING",
     "COMPILE_MARGIN",
+    "COMPILE_MIN_STEPS",
     "cpu_info",
     "autocast_dtype",
     "device_name",
@@ -33,6 +34,10 @@ COMPILE_COST_S = (8.0, 3.2)
 COMPILE_SAVING = 0.19
 #: Compile only when the expected saving is at least this multiple of the estimated compile cost.
 COMPILE_MARGIN = 2.0
+#: Runs with fewer remaining steps stay eager whatever their step time: the first steps of a run are
+#: timed on a machine that may be busy, which makes eager steps look slow while the compilation would
+#: be as slowed down (seen: a 192-step test run compiled on a 2-core machine at load 15).
+COMPILE_MIN_STEPS = 500
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,7 +93,8 @@ def compile_decision(
 
     Estimated cost ``8 s + 3.2 s x cpl_layers`` (:data:`COMPILE_COST_S`), expected saving
     ``COMPILE_SAVING x remaining_steps x eager_step_s`` (19 % of the eager time); compile only when the
-    saving is at least twice the cost. Never on MPS, nor when the run has too few steps to time.
+    saving is at least twice the cost. Never on MPS, nor when fewer than :data:`COMPILE_MIN_STEPS` (500)
+    steps remain.
     Returns ``{"compile", "reason", "estimated_cost_s", "expected_saving_s", "eager_step_s"}``.
     """
     cost = COMPILE_COST_S[0] + COMPILE_COST_S[1] * cpl_layers
@@ -100,7 +106,7 @@ def compile_decision(
     }
     if device_type not in ("cpu", "cuda"):
         return {**out, "reason": f"torch.compile is not used on {device_type}"}
-    if eager_step_s is None:
+    if eager_step_s is None or remaining_steps < COMPILE_MIN_STEPS:
         return {**out, "reason": f"{remaining_steps} steps: too short to repay a compilation"}
     saving = COMPILE_SAVING * remaining_steps * eager_step_s
     out.update(compile=saving >= COMPILE_MARGIN * cost, expected_saving_s=round(saving, 1))

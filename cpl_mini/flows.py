@@ -28,6 +28,7 @@ dimension of the space); a field maps it to a tensor of the same shape. Everythi
 Fields hold their matrices as *buffers* (fixed objects, no gradient, moved by ``.to(...)``) and use
 them in the dtype and device of the state they are applied to.
 """
+
 import math
 
 import torch
@@ -63,9 +64,7 @@ def _as_matrix(a, name, square=False):
 
 def _check_state(x, d, name="x"):
     if x.dim() == 0 or x.shape[-1] != d:
-        raise ValueError(
-            f"{name} must have shape (..., {d}) (the field acts on R^{d}), got {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} must have shape (..., {d}) (the field acts on R^{d}), got {tuple(x.shape)}")
 
 
 class VectorField(nn.Module):
@@ -145,8 +144,9 @@ class ConvexPotentialField(VectorField):
             bias = torch.zeros(m, dtype=weight.dtype, device=weight.device)
         bias = torch.as_tensor(bias).detach().clone().to(weight)
         if bias.shape != (m,):
-            raise ValueError(f"bias must have shape ({m},) to match weight {tuple(weight.shape)}, "
-                             f"got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias must have shape ({m},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}"
+            )
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.activation = activation
@@ -296,8 +296,9 @@ class SumField(VectorField):
 def _times(t, like):
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     if t.dim() != 1 or t.numel() < 2:
-        raise ValueError(f"t must be a 1-D tensor of at least 2 times (t[0] is the start), got shape "
-                         f"{tuple(t.shape)}")
+        raise ValueError(
+            f"t must be a 1-D tensor of at least 2 times (t[0] is the start), got shape {tuple(t.shape)}"
+        )
     return t
 
 
@@ -364,8 +365,7 @@ def trajectory_distance(field, x0, y0, t, method="dopri5", rtol=1e-7, atol=1e-9)
         every column is non-increasing in ``t`` (up to the solver's tolerance).
     """
     if x0.shape != y0.shape:
-        raise ValueError(f"x0 and y0 must have the same shape, got {tuple(x0.shape)} and "
-                         f"{tuple(y0.shape)}")
+        raise ValueError(f"x0 and y0 must have the same shape, got {tuple(x0.shape)} and {tuple(y0.shape)}")
     traj = flow(field, torch.stack([x0, y0]), t, method=method, rtol=rtol, atol=atol)
     return torch.linalg.vector_norm(traj[:, 0] - traj[:, 1], dim=-1)
 
@@ -398,8 +398,9 @@ def euler_step(field, h, t=0.0):
     return step
 
 
-def euler_step_lipschitz_lower_bound(field, h, x, n_pairs=1000, scale=0.1, search_steps=100,
-                                     lr=0.01, t=0.0, seed=0):
+def euler_step_lipschitz_lower_bound(
+    field, h, x, n_pairs=1000, scale=0.1, search_steps=100, lr=0.01, t=0.0, seed=0
+):
     """A measured **lower bound** of the Lipschitz constant of the step ``T_h(x) = x + h F(t, x)``.
 
     For ``F = -grad f`` with ``f`` convex and ``L``-smooth, ``T_h`` is 1-Lipschitz when

@@ -21,6 +21,7 @@ How ``||W||_2`` is obtained decides whether the layer is *provably* 1-Lipschitz 
   from the persistent vector (advancing it), the estimate ``<W u, v>`` and ``h = 2 / (sigma^2 + 1e-4)``.
   A lower estimate of the norm: only for comparisons, its certificates are not sound.
 """
+
 import math
 from fractions import Fraction
 from typing import Optional, Tuple, Union
@@ -114,8 +115,9 @@ class _ConvexPotentialBase(OperatorNormModule):
             return self.step_scale * 2.0 / sigma.square().clamp_min(1e-12)
         if sigma is None:
             return self._eval_step_tensor(dtype, self.weight.device)
-        h64 = torch.tensor(self._step_value(float(sigma)), dtype=torch.float64,
-                           device=float64_device(self.weight.device))
+        h64 = torch.tensor(
+            self._step_value(float(sigma)), dtype=torch.float64, device=float64_device(self.weight.device)
+        )
         return cast_down(h64, dtype).to(self.weight.device)
 
     def lipschitz_bound(self) -> float:
@@ -127,7 +129,7 @@ class _ConvexPotentialBase(OperatorNormModule):
         exactly 1 for the default (sound) layer.
         """
         sigma_up = Fraction(float(self.sound_spectral_norm()))
-        return max(1.0, float_up(Fraction(self.eval_step()) * sigma_up ** 2 - 1))
+        return max(1.0, float_up(Fraction(self.eval_step()) * sigma_up**2 - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -170,14 +172,23 @@ class ConvexPotentialLinear(_ConvexPotentialBase):
         True
     """
 
-    def __init__(self, features: int, inner_features: Optional[int] = None, bias: bool = True,
-                 eval_norm: str = "sound", n_eval_iter: int = 100, step_scale: float = 1.0,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        features: int,
+        inner_features: Optional[int] = None,
+        bias: bool = True,
+        eval_norm: str = "sound",
+        n_eval_iter: int = 100,
+        step_scale: float = 1.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(eval_norm, n_eval_iter, step_scale)
         inner_features = features if inner_features is None else inner_features
         if features < 1 or inner_features < 1:
-            raise ValueError(f"features and inner_features must be positive, got {features}, "
-                             f"{inner_features}")
+            raise ValueError(
+                f"features and inner_features must be positive, got {features}, {inner_features}"
+            )
         self.features, self.inner_features = int(features), int(inner_features)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(inner_features, features, **kw))
@@ -244,17 +255,27 @@ class ConvexPotentialConv2d(_ConvexPotentialBase):
         ValueError: ConvexPotentialConv2d was built for 8x8 inputs (its norm depends on the size), ...
     """
 
-    def __init__(self, channels: int, inner_channels: Optional[int] = None, kernel_size: int = 3,
-                 input_size: Union[int, Tuple[int, int]] = (32, 32), bias: bool = True,
-                 eval_norm: str = "sound", n_eval_iter: int = 100, step_scale: float = 1.0,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        channels: int,
+        inner_channels: Optional[int] = None,
+        kernel_size: int = 3,
+        input_size: Union[int, Tuple[int, int]] = (32, 32),
+        bias: bool = True,
+        eval_norm: str = "sound",
+        n_eval_iter: int = 100,
+        step_scale: float = 1.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(eval_norm, n_eval_iter, step_scale)
         inner_channels = channels if inner_channels is None else inner_channels
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd (padding k//2 keeps the size), got {kernel_size}")
         if channels < 1 or inner_channels < 1:
-            raise ValueError(f"channels and inner_channels must be positive, got {channels}, "
-                             f"{inner_channels}")
+            raise ValueError(
+                f"channels and inner_channels must be positive, got {channels}, {inner_channels}"
+            )
         self.channels, self.inner_channels = int(channels), int(inner_channels)
         self.kernel_size = int(kernel_size)
         self.input_size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -268,7 +289,7 @@ class ConvexPotentialConv2d(_ConvexPotentialBase):
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.channels * self.kernel_size ** 2)
+            bound = 1.0 / math.sqrt(self.channels * self.kernel_size**2)
             nn.init.uniform_(self.bias, -bound, bound)
 
     def operator(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -292,20 +313,26 @@ class ConvexPotentialConv2d(_ConvexPotentialBase):
     def _check_input(self, x):
         name = type(self).__name__
         if x.dim() != 4:
-            raise ValueError(f"{name} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}; "
-                             "add a batch dimension with x.unsqueeze(0) for a single image.")
+            raise ValueError(
+                f"{name} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}; "
+                "add a batch dimension with x.unsqueeze(0) for a single image."
+            )
         if x.shape[1] != self.channels:
             raise ValueError(
                 f"{name} was built for {self.channels} channels, got {x.shape[1]} (input shape "
-                f"{tuple(x.shape)}); pad the channels first (ChannelPad) or change `channels`.")
+                f"{tuple(x.shape)}); pad the channels first (ChannelPad) or change `channels`."
+            )
         if tuple(x.shape[2:]) != self.input_size:
             raise ValueError(
                 f"{name} was built for {self.input_size[0]}x{self.input_size[1]} inputs (its norm depends on "
-                f"the size), got {x.shape[2]}x{x.shape[3]}; pass input_size={tuple(x.shape[2:])}.")
+                f"the size), got {x.shape[2]}x{x.shape[3]}; pass input_size={tuple(x.shape[2:])}."
+            )
 
     def extra_repr(self) -> str:
-        return (f"{self.channels}, inner_channels={self.inner_channels}, kernel_size={self.kernel_size}, "
-                f"input_size={self.input_size}, " + super().extra_repr())
+        return (
+            f"{self.channels}, inner_channels={self.inner_channels}, kernel_size={self.kernel_size}, "
+            f"input_size={self.input_size}, " + super().extra_repr()
+        )
 
 
 class ChannelPad(nn.Module):
@@ -317,8 +344,9 @@ class ChannelPad(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] > self.channels:
-            raise ValueError(f"ChannelPad({self.channels}) expects (N, c<={self.channels}, H, W), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"ChannelPad({self.channels}) expects (N, c<={self.channels}, H, W), got {tuple(x.shape)}"
+            )
         return F.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1]))
 
     def lipschitz_bound(self) -> float:
@@ -358,8 +386,9 @@ class FirstCoordinates(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] < self.k:
-            raise ValueError(f"FirstCoordinates({self.k}) needs at least {self.k} features, "
-                             f"got {x.shape[-1]}")
+            raise ValueError(
+                f"FirstCoordinates({self.k}) needs at least {self.k} features, got {x.shape[-1]}"
+            )
         return x[..., : self.k]
 
     def lipschitz_bound(self) -> float:

@@ -16,6 +16,7 @@ non-batch dimensions. Inputs are moved to the model's device and dtype. The mode
 changed and its parameters' ``.grad`` are never touched (gradients are taken with respect to inputs
 only). Random draws use a private ``torch.Generator`` seeded by ``seed`` (the global RNG is untouched).
 """
+
 import warnings
 
 import torch
@@ -47,8 +48,10 @@ def _like_model(model, x):
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
     if x.dim() < 2:
-        raise ValueError(f"x must be a batch of shape (batch, *features), got shape {tuple(x.shape)}; "
-                         f"add a batch dimension with x.unsqueeze(0)")
+        raise ValueError(
+            f"x must be a batch of shape (batch, *features), got shape {tuple(x.shape)}; "
+            f"add a batch dimension with x.unsqueeze(0)"
+        )
     return x
 
 
@@ -171,6 +174,7 @@ def exact_jacobian_norm(model, x):
     x = _like_model(model, x)
     norms = []
     for xi in x:
+
         def f(z):
             return model(z.unsqueeze(0)).flatten()
 
@@ -225,7 +229,7 @@ def worst_pair_search(model, x, y=None, steps=200, lr=0.01, seed=0, noise=0.01):
                 i = int(rv.argmax())
                 if float(rv[i]) > best:
                     best = float(rv[i])
-                    best_a, best_b = a[i:i + 1].detach().clone(), b[i:i + 1].detach().clone()
+                    best_a, best_b = a[i : i + 1].detach().clone(), b[i : i + 1].detach().clone()
         if k == steps:
             break
         objective = torch.where(valid, r, torch.ones_like(r)).log().sum()

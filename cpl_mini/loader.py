@@ -12,6 +12,7 @@ Lipschitz constant of "normalise, then network" by ``1 / min(sigma)``: :attr:`De
 ``normalize=False`` it yields the raw pixels ``u / 255`` in ``[0, 1]``, for a model that normalises its
 input itself.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple, Union
@@ -54,8 +55,10 @@ def channel_stats(images) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty uint8 tensor (N, C, H, W); got {images.dtype} of shape "
-                         f"{tuple(images.shape)} (convert float pictures with (x * 255).round().byte())")
+        raise ValueError(
+            f"images must be a non-empty uint8 tensor (N, C, H, W); got {images.dtype} of shape "
+            f"{tuple(images.shape)} (convert float pictures with (x * 255).round().byte())"
+        )
     values = torch.arange(256, dtype=torch.float64, device=images.device) / 255.0
     means, stds = [], []
     for c in range(images.shape[1]):
@@ -75,7 +78,7 @@ def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
-    state = np.random.SeedSequence([int(seed) & (2 ** 64 - 1), int(epoch) & (2 ** 64 - 1)])
+    state = np.random.SeedSequence([int(seed) & (2**64 - 1), int(epoch) & (2**64 - 1)])
     return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
@@ -114,27 +117,46 @@ class DeviceLoader:
         padding: reflect padding of the random crop (4 for CIFAR).
     """
 
-    def __init__(self, images, labels, batch_size: int, *, train: bool,
-                 device: Optional[Union[str, torch.device]] = None,
-                 mean=None, std=None, augment: Optional[bool] = None, seed: int = 0,
-                 drop_last: Optional[bool] = None, channels_last: bool = True,
-                 rank: int = 0, world_size: int = 1, limit: Optional[int] = None,
-                 padding: int = 4):
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size: int,
+        *,
+        train: bool,
+        device: Optional[Union[str, torch.device]] = None,
+        mean=None,
+        std=None,
+        augment: Optional[bool] = None,
+        seed: int = 0,
+        drop_last: Optional[bool] = None,
+        channels_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        limit: Optional[int] = None,
+        padding: int = 4,
+    ):
         images = torch.as_tensor(images)
         labels = torch.as_tensor(labels)
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be a uint8 tensor (N, C, H, W); got {images.dtype} of shape "
-                             f"{tuple(images.shape)} (convert float pictures with (x * 255).round().byte())")
+            raise ValueError(
+                f"images must be a uint8 tensor (N, C, H, W); got {images.dtype} of shape "
+                f"{tuple(images.shape)} (convert float pictures with (x * 255).round().byte())"
+            )
         if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
-            raise ValueError(f"labels must be an integer tensor of shape ({images.shape[0]},); got "
-                             f"{labels.dtype} of shape {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be an integer tensor of shape ({images.shape[0]},); got "
+                f"{labels.dtype} of shape {tuple(labels.shape)}"
+            )
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} is the global batch: it must be divisible by "
-                             f"world_size {world_size}")
+            raise ValueError(
+                f"batch_size {batch_size} is the global batch: it must be divisible by "
+                f"world_size {world_size}"
+            )
         self.device = torch.device(device) if device is not None else images.device
         self.train = bool(train)
         self.augment = self.train if augment is None else bool(augment)
@@ -162,11 +184,13 @@ class DeviceLoader:
                 raise ValueError(f"std must be positive, got {self._std.flatten().tolist()}")
 
         if limit is not None:
-            images, labels = images[:int(limit)], labels[:int(limit)]
+            images, labels = images[: int(limit)], labels[: int(limit)]
         self.num_examples = int(images.shape[0])
         if self.drop_last and self.num_examples < self.batch_size:
-            raise ValueError(f"only {self.num_examples} examples for batch_size {self.batch_size} with "
-                             "drop_last=True: no batch at all; lower batch_size or pass drop_last=False")
+            raise ValueError(
+                f"only {self.num_examples} examples for batch_size {self.batch_size} with "
+                "drop_last=True: no batch at all; lower batch_size or pass drop_last=False"
+            )
         # (N, H, W, C) storage: gathers then give channels_last batches with no extra copy.
         self._nhwc = images.permute(0, 2, 3, 1).contiguous()
         self._labels = labels.to(device=self.device, dtype=torch.int64)
@@ -208,9 +232,11 @@ class DeviceLoader:
         self.epoch = int(epoch)
 
     def __repr__(self) -> str:
-        return (f"DeviceLoader(n={self.num_examples}, batch_size={self.batch_size}, train={self.train}, "
-                f"augment={self.augment}, device={self.device}, epoch={self.epoch}, "
-                f"rank={self.rank}/{self.world_size})")
+        return (
+            f"DeviceLoader(n={self.num_examples}, batch_size={self.batch_size}, train={self.train}, "
+            f"augment={self.augment}, device={self.device}, epoch={self.epoch}, "
+            f"rank={self.rank}/{self.world_size})"
+        )
 
     # -- draws -------------------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:
@@ -271,12 +297,12 @@ class DeviceLoader:
         """Gather crops of the reflect-padded pictures, flipped where ``flip``: one indexing kernel."""
         H, W = self._nhwc.shape[1:3]
         p = self.padding
-        rows = _reflect(dy[:, None] + self._arange_h[None, :] - p, H)                      # (B, H)
+        rows = _reflect(dy[:, None] + self._arange_h[None, :] - p, H)  # (B, H)
         cols_src = torch.where(flip[:, None], (W - 1) - self._arange_w[None, :], self._arange_w[None, :])
-        cols = _reflect(dx[:, None] + cols_src - p, W)                                    # (B, W)
+        cols = _reflect(dx[:, None] + cols_src - p, W)  # (B, W)
         if isinstance(idx, slice):
             idx = torch.arange(idx.start, idx.stop, device=self.device)
-        return self._nhwc[idx[:, None, None], rows[:, :, None], cols[:, None, :]]         # (B, H, W, C)
+        return self._nhwc[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
 
     def _normalise(self, x_nhwc: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x_nhwc.shape
@@ -290,12 +316,25 @@ class DeviceLoader:
         return x
 
 
-def cifar_loaders(data: CifarData, batch_size: int = 256,
-                  device: Optional[Union[str, torch.device]] = None, seed: int = 0, std=False,
-                  limit_train: Optional[int] = None, limit_test: Optional[int] = None,
-                  test_batch_size: int = 500, *, normalize: bool = True, mean=None, augment: bool = True,
-                  channels_last: bool = True, rank: int = 0, world_size: int = 1, shard_test: bool = True,
-                  **kwargs) -> Tuple[DeviceLoader, DeviceLoader]:
+def cifar_loaders(
+    data: CifarData,
+    batch_size: int = 256,
+    device: Optional[Union[str, torch.device]] = None,
+    seed: int = 0,
+    std=False,
+    limit_train: Optional[int] = None,
+    limit_test: Optional[int] = None,
+    test_batch_size: int = 500,
+    *,
+    normalize: bool = True,
+    mean=None,
+    augment: bool = True,
+    channels_last: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    shard_test: bool = True,
+    **kwargs,
+) -> Tuple[DeviceLoader, DeviceLoader]:
     """Train loader (shuffled, augmented) and test loader (in order) for ``data``.
 
     Each batch is ``(x, y)``, ``x`` float32 ``(B, 3, 32, 32)``, ``y`` int64 ``(B,)``, with
@@ -330,14 +369,41 @@ def cifar_loaders(data: CifarData, batch_size: int = 256,
     """
     if not normalize:
         if (std is not None and std is not False) or mean is not None:
-            raise ValueError("normalize=False yields raw pixels u / 255: pass neither std nor mean (the "
-                             "model normalises its input; get the statistics from channel_stats(images))")
+            raise ValueError(
+                "normalize=False yields raw pixels u / 255: pass neither std nor mean (the "
+                "model normalises its input; get the statistics from channel_stats(images))"
+            )
         mean, std = (0.0,) * data.train_images.shape[1], None
-    train = DeviceLoader(data.train_images, data.train_labels, batch_size, train=True, device=device,
-                         seed=seed, mean=mean, std=std, augment=augment, limit=limit_train,
-                         channels_last=channels_last, rank=rank, world_size=world_size, **kwargs)
+    train = DeviceLoader(
+        data.train_images,
+        data.train_labels,
+        batch_size,
+        train=True,
+        device=device,
+        seed=seed,
+        mean=mean,
+        std=std,
+        augment=augment,
+        limit=limit_train,
+        channels_last=channels_last,
+        rank=rank,
+        world_size=world_size,
+        **kwargs,
+    )
     test_rank, test_world = (rank, world_size) if shard_test else (0, 1)
-    test = DeviceLoader(data.test_images, data.test_labels, test_batch_size, train=False, device=device,
-                        seed=seed, mean=train.mean, std=train.std, limit=limit_test,
-                        channels_last=channels_last, rank=test_rank, world_size=test_world, **kwargs)
+    test = DeviceLoader(
+        data.test_images,
+        data.test_labels,
+        test_batch_size,
+        train=False,
+        device=device,
+        seed=seed,
+        mean=train.mean,
+        std=train.std,
+        limit=limit_test,
+        channels_last=channels_last,
+        rank=test_rank,
+        world_size=test_world,
+        **kwargs,
+    )
     return train, test

@@ -9,6 +9,7 @@ features with inner width ``features``; the first ``num_classes`` coordinates as
 is 1-Lipschitz in evaluation mode, so the whole network is (``lipschitz_upper_bound`` returns 1, times
 the normalisation's constant when there is one).
 """
+
 from typing import List, Sequence, Tuple, Union
 
 import torch
@@ -40,9 +41,19 @@ SIZES = {
 }
 
 
-def cpl_network(size: Union[str, Sequence[int]] = "S", num_classes: int = 10, conv_inner: int = 5,
-                kernel_size: int = 3, input_size: int = 32, in_channels: int = 3, pool: int = 4,
-                head: str = "first", mean=None, std=None, **layer_kwargs) -> nn.Sequential:
+def cpl_network(
+    size: Union[str, Sequence[int]] = "S",
+    num_classes: int = 10,
+    conv_inner: int = 5,
+    kernel_size: int = 3,
+    input_size: int = 32,
+    in_channels: int = 3,
+    pool: int = 4,
+    head: str = "first",
+    mean=None,
+    std=None,
+    **layer_kwargs,
+) -> nn.Sequential:
     """Build a CPL network as an ``nn.Sequential`` (input ``(N, 3, 32, 32)``, output ``(N, num_classes)``).
 
     Args:
@@ -60,8 +71,10 @@ def cpl_network(size: Union[str, Sequence[int]] = "S", num_classes: int = 10, co
     if isinstance(size, str):
         key = size.upper()
         if key not in SIZES:
-            raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)} or give "
-                             "(depth, depth_linear, channels, features)")
+            raise ValueError(
+                f"unknown size {size!r}; choose one of {sorted(SIZES)} or give "
+                "(depth, depth_linear, channels, features)"
+            )
         depth, depth_linear, channels, features = SIZES[key]
         name = key
     else:
@@ -82,16 +95,27 @@ def cpl_network(size: Union[str, Sequence[int]] = "S", num_classes: int = 10, co
     if layers and layers[0].channels != in_channels:
         raise ValueError(f"mean has {layers[0].channels} values, the input has {in_channels} channels")
     layers += [ChannelPad(channels)]
-    layers += [ConvexPotentialConv2d(channels, conv_inner, kernel_size, (input_size, input_size),
-                                     **layer_kwargs) for _ in range(depth)]
+    layers += [
+        ConvexPotentialConv2d(channels, conv_inner, kernel_size, (input_size, input_size), **layer_kwargs)
+        for _ in range(depth)
+    ]
     layers += [LipschitzAvgPool2d(pool), nn.Flatten()]
     layers += [ConvexPotentialLinear(flat, features, **layer_kwargs) for _ in range(depth_linear)]
     layers += [FirstCoordinates(num_classes) if head == "first" else RowNormalizedLinear(flat, num_classes)]
     model = nn.Sequential(*layers)
-    model.config = {"size": name, "depth": depth, "depth_linear": depth_linear, "channels": channels,
-                    "features": features, "conv_inner": conv_inner, "kernel_size": kernel_size,
-                    "input_size": input_size, "num_classes": num_classes, "head": head,
-                    "input_normalization": None if mean is None else ("mean" if std is None else "mean_std")}
+    model.config = {
+        "size": name,
+        "depth": depth,
+        "depth_linear": depth_linear,
+        "channels": channels,
+        "features": features,
+        "conv_inner": conv_inner,
+        "kernel_size": kernel_size,
+        "input_size": input_size,
+        "num_classes": num_classes,
+        "head": head,
+        "input_normalization": None if mean is None else ("mean" if std is None else "mean_std"),
+    }
     return model
 
 
@@ -134,5 +158,13 @@ def use_channels_last(setting: Union[str, bool, None], device: Union[str, torch.
     return bool(setting)
 
 
-_SWITCH = {"on": True, "true": True, "yes": True, "1": True,
-           "off": False, "false": False, "no": False, "0": False}
+_SWITCH = {
+    "on": True,
+    "true": True,
+    "yes": True,
+    "1": True,
+    "off": False,
+    "false": False,
+    "no": False,
+    "0": False,
+}

@@ -14,6 +14,7 @@ when it is loaded again, and that a certificate computed by
 :func:`~cpl_mini.layers.lipschitz_upper_bound` includes the normalisation: the certified radius is
 then measured in pixel space.
 """
+
 import math
 from fractions import Fraction
 

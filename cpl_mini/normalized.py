@@ -16,6 +16,7 @@ r"""Normalised linear layers: a free weight matrix rescaled so that the layer is
 Both layers have a ``lipschitz_bound()`` method (a guaranteed upper bound, read by
 :func:`cpl_mini.bounds.lipschitz_upper_bound`) computed in float64 from the matrix the layer applies.
 """
+
 import math
 from fractions import Fraction
 from typing import Optional
@@ -57,13 +58,22 @@ class SpectralNormLinear(OperatorNormModule):
     Shape: input ``(..., in_features)``, output ``(..., out_features)``.
     """
 
-    def __init__(self, in_features: int, out_features: Optional[int] = None, bias: bool = True,
-                 eval_norm: str = "sound", n_eval_iter: int = 100, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: Optional[int] = None,
+        bias: bool = True,
+        eval_norm: str = "sound",
+        n_eval_iter: int = 100,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(eval_norm, n_eval_iter)
         out_features = in_features if out_features is None else out_features
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, "
-                             f"{out_features}")
+            raise ValueError(
+                f"in_features and out_features must be positive, got {in_features}, {out_features}"
+            )
         self.in_features, self.out_features = int(in_features), int(out_features)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
@@ -96,10 +106,14 @@ class SpectralNormLinear(OperatorNormModule):
         if self.eval_norm == "sound":
             rank = min(self.weight.shape)
             slack = (Fraction(math.nextafter(math.sqrt(rank), math.inf)) + 1) * Fraction(
-                torch.finfo(self.weight.dtype).eps)
+                torch.finfo(self.weight.dtype).eps
+            )
             sigma = sigma * (1 + slack)
-        up = torch.tensor(float_up(max(sigma, Fraction(1e-12))), dtype=torch.float64,
-                          device=float64_device(self.weight.device))
+        up = torch.tensor(
+            float_up(max(sigma, Fraction(1e-12))),
+            dtype=torch.float64,
+            device=float64_device(self.weight.device),
+        )
         return (-cast_down(-up, self._compute_dtype())).to(self.weight.device)  # rounded up
 
     def weight_matrix(self) -> torch.Tensor:
@@ -123,8 +137,10 @@ class SpectralNormLinear(OperatorNormModule):
             return float(dense_spectral_norm_upper(matrix))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, eval_norm={self.eval_norm!r}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, eval_norm={self.eval_norm!r}"
+        )
 
 
 def aol_scaling(weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -154,13 +170,15 @@ class AOLLinear(nn.Module):
     Shape: input ``(..., in_features)``, output ``(..., out_features)``.
     """
 
-    def __init__(self, in_features: int, out_features: Optional[int] = None, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: Optional[int] = None, bias: bool = True, device=None, dtype=None
+    ):
         super().__init__()
         out_features = in_features if out_features is None else out_features
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, "
-                             f"{out_features}")
+            raise ValueError(
+                f"in_features and out_features must be positive, got {in_features}, {out_features}"
+            )
         self.in_features, self.out_features = int(in_features), int(out_features)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
@@ -188,5 +206,6 @@ class AOLLinear(nn.Module):
             return float(dense_spectral_norm_upper(self.weight_matrix()))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )

@@ -27,6 +27,7 @@ matrix, and keeps the first ``out_features`` coordinates. Its matrix is the top-
 ``(out, in)`` block of ``Q``: orthonormal columns when ``in < out`` (an isometry), orthonormal rows
 when ``in > out`` (a projection composed with an isometry); in both cases ``||Q_{out,in}||_2 <= 1``.
 """
+
 import math
 from typing import Optional
 
@@ -62,13 +63,15 @@ def cayley(A: torch.Tensor) -> torch.Tensor:
 class _SkewParametrizedLinear(nn.Module):
     """``y = Q[:out, :in] x + b`` with ``Q = orth(P - P^T)`` orthogonal; subclasses define ``orth``."""
 
-    def __init__(self, in_features: int, out_features: Optional[int] = None, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: Optional[int] = None, bias: bool = True, device=None, dtype=None
+    ):
         super().__init__()
         out_features = in_features if out_features is None else out_features
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, "
-                             f"{out_features}")
+            raise ValueError(
+                f"in_features and out_features must be positive, got {in_features}, {out_features}"
+            )
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.dim = max(self.in_features, self.out_features)
         kw = {"device": device, "dtype": dtype}
@@ -111,8 +114,9 @@ class _SkewParametrizedLinear(nn.Module):
             return float(dense_spectral_norm_upper(self.weight_matrix()))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
 
 
 class CayleyLinear(_SkewParametrizedLinear):
@@ -166,8 +170,10 @@ class MaxMin(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[self.dim] if x.dim() else 0
         if n % 2:
-            raise ValueError(f"MaxMin needs an even number of features along dim {self.dim}, got shape "
-                             f"{tuple(x.shape)}; use an even width.")
+            raise ValueError(
+                f"MaxMin needs an even number of features along dim {self.dim}, got shape "
+                f"{tuple(x.shape)}; use an even width."
+            )
         a, b = x.chunk(2, dim=self.dim)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
 

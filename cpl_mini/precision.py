@@ -17,6 +17,7 @@ A certificate is a chain of computed numbers, each of which must err on the safe
 
 And the input check the dense layers share, :func:`check_last_dim`.
 """
+
 import contextlib
 import math
 from fractions import Fraction
@@ -69,10 +70,16 @@ def _read(getter):
 
 _LEGACY = (
     (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest"),
-    (lambda: torch.backends.cuda.matmul.allow_tf32,
-     lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v), False),
-    (lambda: torch.backends.cudnn.allow_tf32,
-     lambda v: setattr(torch.backends.cudnn, "allow_tf32", v), False),
+    (
+        lambda: torch.backends.cuda.matmul.allow_tf32,
+        lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v),
+        False,
+    ),
+    (
+        lambda: torch.backends.cudnn.allow_tf32,
+        lambda v: setattr(torch.backends.cudnn, "allow_tf32", v),
+        False,
+    ),
 )
 
 
@@ -216,4 +223,5 @@ def check_last_dim(module: object, x: torch.Tensor, n: int, argument: Optional[s
         got = x.shape[-1] if x.dim() else "?"
         raise ValueError(
             f"{type(module).__name__} expects inputs of shape (..., {n}), got {tuple(x.shape)}; "
-            f"flatten images first (nn.Flatten) or build the layer with {argument}={got}.")
+            f"flatten images first (nn.Flatten) or build the layer with {argument}={got}."
+        )

@@ -17,6 +17,7 @@ threads, compilation, memory layout, evaluation frequency) may change when a run
 :func:`load_run_model` rebuilds the trained network from the checkpoint alone: the input
 normalisation's statistics travel in its ``state_dict``.
 """
+
 import dataclasses
 import json
 import os
@@ -31,9 +32,22 @@ from . import __version__
 from .allocator import tune_cpu_allocator
 from .models import SIZES, cpl_network, use_channels_last
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "TrainConfig", "book_config", "identity_fields",
-           "check_same_run", "resolve_device", "run_network", "save_checkpoint", "load_checkpoint",
-           "load_model_state", "write_results", "read_results", "load_run_model"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "TrainConfig",
+    "book_config",
+    "identity_fields",
+    "check_same_run",
+    "resolve_device",
+    "run_network",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model_state",
+    "write_results",
+    "read_results",
+    "load_run_model",
+]
 
 CHECKPOINT_FORMAT = "cpl_mini-checkpoint-v2"
 PathLike = Union[str, os.PathLike]
@@ -74,35 +88,59 @@ class TrainConfig:
     Field metadata: ``help`` (command-line help), ``identity`` (resuming with another value is
     refused), ``choices``. Values are checked and normalised on construction (``ValueError``).
     """
+
     dataset: str = _field("cifar10", "data set", identity=True, choices=("cifar10", "cifar100"))
-    size: str = _field("S", "network size (cpl_mini.models.SIZES): " + ", ".join(SIZES), identity=True,
-                       choices=tuple(SIZES))
+    size: str = _field(
+        "S", "network size (cpl_mini.models.SIZES): " + ", ".join(SIZES), identity=True, choices=tuple(SIZES)
+    )
     epochs: int = _field(10, "number of epochs, at least 1", identity=True)
     batch_size: int = _field(256, "global batch size (all processes together)", identity=True)
     lr: float = _field(1e-3, "peak learning rate of Adam (piecewise-linear schedule)", identity=True)
     margin: float = _field(0.7, "margin of the multi-class hinge loss", identity=True)
     seed: int = _field(0, "seed of the initialisation, the order and the augmentation", identity=True)
     device: str = _field("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
-    amp: str = _field("auto", "autocast dtype: auto = bf16 on CUDA compute capability >= 8.0 and on CPUs "
-                      "with AVX512-BF16/AMX-BF16, fp16 with a gradient scaler on older GPUs, else off",
-                      identity=True, choices=("auto", "bf16", "fp16", "off"))
-    channels_last: str = _field("auto", "channels-last memory layout: auto = the layout measured faster "
-                                "on this device", choices=_SWITCHES, kind="switch")
-    compile: str = _field("auto", "torch.compile the training step: auto = only when the run is long "
-                          "enough to repay the compile time (decided on the first steps)",
-                          choices=_SWITCHES, kind="switch")
+    amp: str = _field(
+        "auto",
+        "autocast dtype: auto = bf16 on CUDA compute capability >= 8.0 and on CPUs "
+        "with AVX512-BF16/AMX-BF16, fp16 with a gradient scaler on older GPUs, else off",
+        identity=True,
+        choices=("auto", "bf16", "fp16", "off"),
+    )
+    channels_last: str = _field(
+        "auto",
+        "channels-last memory layout: auto = the layout measured faster on this device",
+        choices=_SWITCHES,
+        kind="switch",
+    )
+    compile: str = _field(
+        "auto",
+        "torch.compile the training step: auto = only when the run is long "
+        "enough to repay the compile time (decided on the first steps)",
+        choices=_SWITCHES,
+        kind="switch",
+    )
     augment: bool = _field(True, "random 4-pixel reflect-padded crops and horizontal flips", identity=True)
-    std_normalize: bool = _field(False, "also divide the inputs by the per-channel std of the training "
-                                 "pictures (the certificate includes the factor 1/min(std))", identity=True)
-    limit_train: Optional[int] = _field(None, "train on the first N training images only (at least one "
-                                        "batch)", identity=True)
+    std_normalize: bool = _field(
+        False,
+        "also divide the inputs by the per-channel std of the training "
+        "pictures (the certificate includes the factor 1/min(std))",
+        identity=True,
+    )
+    limit_train: Optional[int] = _field(
+        None, "train on the first N training images only (at least one batch)", identity=True
+    )
     limit_test: Optional[int] = _field(None, "evaluate on the first N test images only", identity=True)
     eval_every: int = _field(1, "evaluate every N epochs (and after the last one)")
-    out: str = _field("runs/cifar10-S", "run folder (checkpoint.pt, results.json); an existing run in it "
-                      "is continued")
+    out: str = _field(
+        "runs/cifar10-S", "run folder (checkpoint.pt, results.json); an existing run in it is continued"
+    )
     data_root: Optional[str] = _field(None, "folder holding the CIFAR archive")
-    head: str = _field("first", "head: the first K coordinates (paper) or a row-normalised linear layer",
-                       identity=True, choices=("first", "lln"))
+    head: str = _field(
+        "first",
+        "head: the first K coordinates (paper) or a row-normalised linear layer",
+        identity=True,
+        choices=("first", "lln"),
+    )
     threads: Optional[int] = _field(None, "CPU threads")
 
     def __post_init__(self):
@@ -141,8 +179,9 @@ def identity_fields() -> List[str]:
     return [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("identity")]
 
 
-def book_config(device: Union[str, torch.device, None] = None, quick: Optional[bool] = None,
-                runs_dir: PathLike = "runs") -> TrainConfig:
+def book_config(
+    device: Union[str, torch.device, None] = None, quick: Optional[bool] = None, runs_dir: PathLike = "runs"
+) -> TrainConfig:
     """The run that the book's CIFAR-10 chapters train (and later certify), by mode and device.
 
     * quick mode (CI): the tiny ``XS`` network, 2 epochs on 2,048 training and 500 test images;
@@ -160,8 +199,14 @@ def book_config(device: Union[str, torch.device, None] = None, quick: Optional[b
     device = pick_device() if device is None else torch.device(device)
     runs_dir = pathlib.Path(runs_dir)
     if quick:
-        return TrainConfig(size="XS", epochs=2, batch_size=128, limit_train=2048, limit_test=500,
-                           out=str(runs_dir / "cifar10-XS-quick"))
+        return TrainConfig(
+            size="XS",
+            epochs=2,
+            batch_size=128,
+            limit_train=2048,
+            limit_test=500,
+            out=str(runs_dir / "cifar10-XS-quick"),
+        )
     if device.type == "cuda":
         return TrainConfig(size="S", epochs=30, out=str(runs_dir / "cifar10-S-gpu"))
     return TrainConfig(size="CPU", epochs=20, out=str(runs_dir / "cifar10-CPU-20ep"))
@@ -177,7 +222,8 @@ def check_same_run(saved: Dict[str, Any], config: TrainConfig, path: PathLike) -
             flag = "--" + name.replace("_", "-")
             raise CheckpointError(
                 f"{path} belongs to a run with {name}={old!r}, not {new!r}: to continue it, keep {flag} "
-                f"as it was; to start a new run, use another --out folder.")
+                f"as it was; to start a new run, use another --out folder."
+            )
 
 
 def resolve_device(setting: Union[str, torch.device, None] = "auto") -> torch.device:
@@ -192,8 +238,10 @@ def resolve_device(setting: Union[str, torch.device, None] = "auto") -> torch.de
         raise ValueError(f"unknown device {setting!r} ({exc}); use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {setting!r}: this PyTorch build has no CUDA or no GPU is visible; "
-                             "use --device cpu (or auto)")
+            raise ValueError(
+                f"device {setting!r}: this PyTorch build has no CUDA or no GPU is visible; "
+                "use --device cpu (or auto)"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {setting!r}: only {torch.cuda.device_count()} GPU(s) are visible")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -201,8 +249,9 @@ def resolve_device(setting: Union[str, torch.device, None] = "auto") -> torch.de
     return dev
 
 
-def run_network(config: TrainConfig, mean: Optional[torch.Tensor] = None,
-                std: Optional[torch.Tensor] = None) -> nn.Sequential:
+def run_network(
+    config: TrainConfig, mean: Optional[torch.Tensor] = None, std: Optional[torch.Tensor] = None
+) -> nn.Sequential:
     """The network of a run: ``cpl_network`` with an input normalisation as its first layer.
 
     ``mean``/``std`` are the per-channel statistics of the training pictures (``std`` only used with
@@ -244,9 +293,16 @@ def _atomic_write(path: PathLike, write: Callable[[pathlib.Path], None]) -> None
             tmp.unlink()
 
 
-def save_checkpoint(path: PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                    config: TrainConfig, history: List[dict], step: int,
-                    scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+def save_checkpoint(
+    path: PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    config: TrainConfig,
+    history: List[dict],
+    step: int,
+    scaler: Optional["torch.amp.GradScaler"] = None,
+) -> None:
     """Write the checkpoint of a run after ``epoch`` epochs (``step`` optimisation steps), atomically.
 
     Format ``cpl_mini-checkpoint-v2``: ``format``, ``version`` (cpl_mini), ``config`` (the
@@ -276,8 +332,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _corrupt(path: pathlib.Path, why: str) -> CheckpointError:
-    return CheckpointError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a cpl_mini "
-                           f"checkpoint ({why}). Delete it and train again, or resume from another copy.")
+    return CheckpointError(
+        f"cannot read checkpoint {path}: it is corrupt, truncated or not a cpl_mini "
+        f"checkpoint ({why}). Delete it and train again, or resume from another copy."
+    )
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None] = "cpu") -> Dict[str, Any]:
@@ -285,8 +343,9 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None]
     cannot run code), the format tag checked. Raises ``FileNotFoundError`` or :class:`CheckpointError`."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; train first with "
-                                f"`python -m cpl_mini.train --out {path.parent}`")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; train first with `python -m cpl_mini.train --out {path.parent}`"
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -300,8 +359,10 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None]
         raise _corrupt(path, _first_line(exc)) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
-        raise CheckpointError(f"{path} is not a cpl_mini checkpoint of format {CHECKPOINT_FORMAT!r}"
-                              + (f" (it is {found!r})" if found else ""))
+        raise CheckpointError(
+            f"{path} is not a cpl_mini checkpoint of format {CHECKPOINT_FORMAT!r}"
+            + (f" (it is {found!r})" if found else "")
+        )
     return state
 
 
@@ -316,7 +377,8 @@ def load_model_state(model: nn.Module, checkpoint: Dict[str, Any], source: str =
                 raise CheckpointError(
                     f"{source} holds a network with {key}={saved.get(key)!r}, but this network has "
                     f"{key}={have.get(key)!r}; build it with the checkpoint's settings "
-                    "(cpl_mini.runs.load_run_model does).")
+                    "(cpl_mini.runs.load_run_model does)."
+                )
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
@@ -337,9 +399,13 @@ def read_results(path: PathLike) -> Optional[Dict[str, Any]]:
         return None
 
 
-def load_run_model(run_dir: PathLike, data_root: Optional[PathLike] = None,
-                   device: Union[str, torch.device, None] = None, limit_test: Optional[int] = None,
-                   data=None) -> Tuple[nn.Sequential, Any, TrainConfig]:
+def load_run_model(
+    run_dir: PathLike,
+    data_root: Optional[PathLike] = None,
+    device: Union[str, torch.device, None] = None,
+    limit_test: Optional[int] = None,
+    data=None,
+) -> Tuple[nn.Sequential, Any, TrainConfig]:
     """``(model, test_loader, config)`` from a run folder, ready to certify.
 
     The model (evaluation mode, float32) is rebuilt from the checkpoint alone, its input
@@ -368,9 +434,18 @@ def load_run_model(run_dir: PathLike, data_root: Optional[PathLike] = None,
     if data is None:
         data = load_cifar(config.dataset, root=data_root or config.data_root)
     if data.num_classes != config.num_classes:
-        raise ValueError(f"the run was trained on {config.dataset} ({config.num_classes} classes), "
-                         f"the data given has {data.num_classes} classes")
-    _, test_loader = cifar_loaders(data, batch_size=config.batch_size, device=dev, seed=config.seed,
-                                   normalize=False, limit_train=config.limit_train,
-                                   limit_test=config.limit_test, channels_last=channels_last)
+        raise ValueError(
+            f"the run was trained on {config.dataset} ({config.num_classes} classes), "
+            f"the data given has {data.num_classes} classes"
+        )
+    _, test_loader = cifar_loaders(
+        data,
+        batch_size=config.batch_size,
+        device=dev,
+        seed=config.seed,
+        normalize=False,
+        limit_train=config.limit_train,
+        limit_test=config.limit_test,
+        channels_last=channels_last,
+    )
     return model, test_loader, config

@@ -26,6 +26,7 @@ It is one explicit Euler step (step 2) of the gradient flow of the convex potent
 ``L = r <= 1``. The CPL is the special case ``T = ||W||_2^2 I`` (all ``t_i`` equal), and ``q = 1`` gives
 the same ``T`` as the AOL rescaling (:mod:`cpl_mini.normalized`).
 """
+
 import math
 from typing import Optional
 
@@ -51,14 +52,17 @@ def sll_t(weight: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Te
     if weight.dim() != 2:
         raise ValueError(f"sll_t expects weight of shape (m, d), got {tuple(weight.shape)}")
     if q.shape != (weight.shape[0],):
-        raise ValueError(f"q must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
-                         f"got {tuple(q.shape)}")
+        raise ValueError(
+            f"q must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
+            f"got {tuple(q.shape)}"
+        )
     gram = weight @ weight.t()  # (m, m)
     return (gram.abs() @ q / q).clamp_min(eps)
 
 
-def sll_residual(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 t: torch.Tensor) -> torch.Tensor:
+def sll_residual(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor
+) -> torch.Tensor:
     r"""``z = x - 2 W^T diag(t)^{-1} ReLU(W x + b)`` for ``x`` of shape ``(..., d)``, ``W`` ``(m, d)``,
     ``b`` ``(m,)`` or ``None``, ``t`` ``(m,)``. With ``t = ||W||^2`` (all entries) it is the CPL step."""
     y = F.relu(F.linear(x, weight, bias)) / t
@@ -80,13 +84,15 @@ class SLLLinear(nn.Module):
     Shape: input ``(..., d)``, output ``(..., d)``.
     """
 
-    def __init__(self, features: int, inner_features: Optional[int] = None, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self, features: int, inner_features: Optional[int] = None, bias: bool = True, device=None, dtype=None
+    ):
         super().__init__()
         inner_features = features if inner_features is None else inner_features
         if features < 1 or inner_features < 1:
-            raise ValueError(f"features and inner_features must be positive, got {features}, "
-                             f"{inner_features}")
+            raise ValueError(
+                f"features and inner_features must be positive, got {features}, {inner_features}"
+            )
         self.features, self.inner_features = int(features), int(inner_features)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(inner_features, features, **kw))

@@ -4,6 +4,7 @@ For a linear operator ``A`` the spectral norm is ``||A||_2 = max_{x != 0} ||A x|
 largest singular value. A certificate needs an *upper* bound of it; power iteration only gives a
 *lower* estimate (it converges from below), so it is used for training, never for certificates.
 """
+
 import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -29,8 +30,9 @@ def _normalize(x, eps=1e-12):
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
 
-def power_iteration(op: Operator, op_adjoint: Operator, x0: torch.Tensor, n_iter: int = 1,
-                    eps: float = 1e-12) -> Tuple[torch.Tensor, torch.Tensor]:
+def power_iteration(
+    op: Operator, op_adjoint: Operator, x0: torch.Tensor, n_iter: int = 1, eps: float = 1e-12
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Estimate ``||A||_2`` by power iteration on ``A^T A``.
 
     ``x <- A^T A x / ||A^T A x||`` repeated ``n_iter`` times (no gradient through these updates),
@@ -89,7 +91,8 @@ def _check_kernel(kernel):
     if kernel.dim() != 4:
         raise ValueError(
             "expected a conv2d kernel of shape (out_channels, in_channels, k_h, k_w), "
-            f"got {tuple(kernel.shape)}")
+            f"got {tuple(kernel.shape)}"
+        )
 
 
 def _fft_norm(kernel, size):
@@ -120,8 +123,11 @@ def conv_spectral_norm_fft(kernel: torch.Tensor, n: Union[int, Sequence[int]]) -
     return _fft_norm(kernel, size)
 
 
-def conv_spectral_norm_upper(kernel: torch.Tensor, input_size: Union[int, Sequence[int]],
-                             padding: Union[None, int, Sequence[int]] = None) -> torch.Tensor:
+def conv_spectral_norm_upper(
+    kernel: torch.Tensor,
+    input_size: Union[int, Sequence[int]],
+    padding: Union[None, int, Sequence[int]] = None,
+) -> torch.Tensor:
     """A **guaranteed upper bound** of ``||conv2d(., kernel, padding)||_2`` on inputs of ``input_size``.
 
     The zero-padded convolution on ``n x n`` inputs is a compression (restrict the input to the
@@ -146,8 +152,9 @@ def conv_spectral_norm_upper(kernel: torch.Tensor, input_size: Union[int, Sequen
     return _fft_norm(kernel, size) * (1 + ROUNDING_MARGIN)
 
 
-def conv_operator(kernel: torch.Tensor, padding: Union[None, int, Sequence[int]] = None
-                  ) -> Tuple[Operator, Operator]:
+def conv_operator(
+    kernel: torch.Tensor, padding: Union[None, int, Sequence[int]] = None
+) -> Tuple[Operator, Operator]:
     """The pair ``(op, op_adjoint)`` of a stride-1 zero-padded convolution, for :func:`power_iteration`.
 
     ``op(x) = conv2d(x, kernel, padding)`` and ``op_adjoint(y) = conv_transpose2d(y, kernel, padding)``,
@@ -212,15 +219,15 @@ def _gram_bound(g, n_iter, prune=False):
             trace = torch.diagonal(g, dim1=-2, dim2=-1).real.sum(-1)
             ok = (fro > 0) & (trace > 0)
             tiny = torch.finfo(torch.float64).tiny
-            log_upper = (log_scale + fro.clamp_min(tiny).log()) / 2.0 ** t
-            log_lower = (log_scale + 2 * fro.clamp_min(tiny).log() - trace.clamp_min(tiny).log()) / 2.0 ** t
+            log_upper = (log_scale + fro.clamp_min(tiny).log()) / 2.0**t
+            log_lower = (log_scale + 2 * fro.clamp_min(tiny).log() - trace.clamp_min(tiny).log()) / 2.0**t
             if bool(ok.any()):
                 # keep every candidate, with a margin (1e-9 relative) far above rounding error
                 keep = log_upper >= log_lower[ok].max() - 1e-9
                 if not bool(keep.all()):
                     g, log_scale = g[keep], log_scale[keep]
     fro = _frobenius(g)
-    log_bound = (log_scale + fro.clamp_min(torch.finfo(torch.float64).tiny).log()) / 2.0 ** n_iter
+    log_bound = (log_scale + fro.clamp_min(torch.finfo(torch.float64).tiny).log()) / 2.0**n_iter
     return torch.where(fro > 0, log_bound.exp(), torch.zeros_like(log_bound))
 
 
@@ -289,8 +296,12 @@ def _half_symbol(kernel, size):
     return symbol.reshape(-1, kernel.shape[0], kernel.shape[1])
 
 
-def gram_iteration_conv(kernel: torch.Tensor, input_size: Union[int, Sequence[int]],
-                        padding: Union[None, int, Sequence[int]] = None, n_iter: int = 6) -> torch.Tensor:
+def gram_iteration_conv(
+    kernel: torch.Tensor,
+    input_size: Union[int, Sequence[int]],
+    padding: Union[None, int, Sequence[int]] = None,
+    n_iter: int = 6,
+) -> torch.Tensor:
     r"""A **guaranteed upper bound** of ``||conv2d(., kernel, padding=padding)||_2`` on ``input_size``
     inputs, by Gram iteration on the convolution's Fourier symbol (Delattre et al., 2023), float64.
 
@@ -419,13 +430,16 @@ class OperatorNormModule(torch.nn.Module):
         """
         x0 = self.u if start is None else start
         if tuple(x0.shape) != tuple(self.u.shape):
-            raise ValueError(f"start must have the shape of the persistent vector {tuple(self.u.shape)}, "
-                             f"got {tuple(x0.shape)}")
+            raise ValueError(
+                f"start must have the shape of the persistent vector {tuple(self.u.shape)}, "
+                f"got {tuple(x0.shape)}"
+            )
         w = self._norm_weight().detach()
         x0 = x0.detach().to(device=w.device, dtype=w.dtype)
         with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
-            sigma, _ = power_iteration(lambda x: self.operator(x, w), lambda y: self.adjoint(y, w), x0,
-                                       n_iter)
+            sigma, _ = power_iteration(
+                lambda x: self.operator(x, w), lambda y: self.adjoint(y, w), x0, n_iter
+            )
         return sigma
 
     def _official_power_norm(self, n_iter):

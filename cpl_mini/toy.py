@@ -4,6 +4,7 @@ Each returns ``X`` float32 ``(n, 2)`` and balanced labels ``y`` int64 ``(n,)`` (
 ``floor(n/2)`` ones), shuffled; the points are exact curves (computed in float64) plus Gaussian noise of
 std ``noise``, all draws from ``seed``.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,9 @@ def make_moons(n: int, noise: float = 0.1, seed: int = 0) -> Tuple[torch.Tensor,
     return _finish(X0, X1, noise, g)
 
 
-def make_circles(n: int, noise: float = 0.05, factor: float = 0.5,
-                 seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_circles(
+    n: int, noise: float = 0.05, factor: float = 0.5, seed: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Two concentric circles: class 0 of radius 1, class 1 of radius ``factor`` (``0 < factor < 1``).
 
     Angles evenly spaced in ``[0, 2 pi)``, Gaussian noise of std ``noise``; shuffled.
@@ -69,8 +71,9 @@ def make_circles(n: int, noise: float = 0.05, factor: float = 0.5,
     return _finish(X0, X1, noise, g)
 
 
-def make_spirals(n: int, noise: float = 0.1, turns: float = 1.5,
-                 seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_spirals(
+    n: int, noise: float = 0.1, turns: float = 1.5, seed: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Two interleaved Archimedean spirals.
 
     Class 0: ``r (cos theta, sin theta)`` with ``r`` evenly spaced in ``[0.1, 1]`` and

@@ -1,4 +1,5 @@
 """Small helpers shared by the package and the book's chapters: device, seeding, quick mode, set-up."""
+
 import os
 import random
 
@@ -67,16 +68,23 @@ def setup(seed=0, threads=None, verbose=True):
     try:
         import matplotlib.pyplot as plt
 
-        plt.rcParams.update({"figure.figsize": (6.0, 4.0), "figure.dpi": 100, "axes.grid": True,
-                             "grid.alpha": 0.3})
+        plt.rcParams.update(
+            {"figure.figsize": (6.0, 4.0), "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3}
+        )
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         pass
     if verbose:
         in_colab = "COLAB_RELEASE_TAG" in os.environ or "COLAB_GPU" in os.environ
         mode = "quick mode (CI: smaller data and fewer epochs)" if quick_mode() else "full mode"
-        print(f"cpl_mini ready | torch {torch.__version__.split('+')[0]} | device: {dev.type} | {mode} | seed {seed}")
+        print(
+            f"cpl_mini ready | torch {torch.__version__.split('+')[0]} | device: {dev.type} | {mode} "
+            f"| seed {seed}"
+        )
         if in_colab and dev.type != "cuda":
-            print("No GPU attached: in Colab choose Runtime > Change runtime type > GPU for the training chapters.")
+            print(
+                "No GPU attached: in Colab choose Runtime > Change runtime type > GPU "
+                "for the training chapters."
+            )
     return dev
 
 

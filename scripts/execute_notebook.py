@@ -10,6 +10,7 @@ committed outputs come from full mode.
 ``%pip`` are skipped, figures go to the Agg backend) and writes nothing back: a check that a chapter
 runs, for machines that have PyTorch but no Jupyter (a bare GPU server).
 """
+
 import argparse
 import os
 import pathlib
@@ -49,7 +50,9 @@ def run_plain(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("notebooks", nargs="+", type=pathlib.Path)
     parser.add_argument("--quick", action="store_true", help="quick mode (CPL_MINI_QUICK=1)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
@@ -68,9 +71,14 @@ def main(argv=None):
             continue
         nb = nbformat.read(path, as_version=4)
         start = time.time()
-        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3", record_timing=False,
-                                store_widget_state=False,
-                                resources={"metadata": {"path": str(path.parent.resolve())}})
+        client = NotebookClient(
+            nb,
+            timeout=args.timeout,
+            kernel_name="python3",
+            record_timing=False,
+            store_widget_state=False,
+            resources={"metadata": {"path": str(path.parent.resolve())}},
+        )
         client.execute()
         nb.metadata.pop("widgets", None)  # saved widget state makes the HTML load widget scripts from a CDN
         tmp = path.with_suffix(".ipynb.tmp")

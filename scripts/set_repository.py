@@ -89,9 +89,15 @@ def mismatches(slug: str, root: pathlib.Path = ROOT) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("slug", metavar="OWNER/NAME", help="the GitHub repository, e.g. my-org/lipschitz-book")
-    parser.add_argument("--check", action="store_true", help="only check; exit 1 if a place names another one")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "slug", metavar="OWNER/NAME", help="the GitHub repository, e.g. my-org/lipschitz-book"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="only check; exit 1 if a place names another one"
+    )
     parser.add_argument("--root", type=pathlib.Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     slug = args.slug.strip().removeprefix("https://github.com/").removesuffix(".git").strip("/")
@@ -109,7 +115,10 @@ def main(argv=None) -> int:
         print(f"every place names {slug}")
         return 0
     changed = set_repository(slug, args.root)
-    print(f"repository set to {slug}: {len(changed)} files changed" + (": " + ", ".join(changed) if changed else ""))
+    print(
+        f"repository set to {slug}: {len(changed)} files changed"
+        + (": " + ", ".join(changed) if changed else "")
+    )
     return 0
 
 

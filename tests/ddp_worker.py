@@ -4,6 +4,7 @@
 ``--nan-rank`` the loss of process ``R`` alone becomes NaN from its ``S``-th step on. Each process
 writes ``OUT-status/rank<r>.json`` with the status it returned.
 """
+
 import argparse
 import importlib
 import json
@@ -18,10 +19,14 @@ from cpl_mini.runs import TrainConfig
 
 def synthetic(n_train=256, n_test=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return CifarData(torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
-                     torch.randint(0, 10, (n_train,), generator=g),
-                     torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
-                     torch.randint(0, 10, (n_test,), generator=g), [str(i) for i in range(10)], "cifar10")
+    return CifarData(
+        torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n_train,), generator=g),
+        torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n_test,), generator=g),
+        [str(i) for i in range(10)],
+        "cifar10",
+    )
 
 
 def inject_nan(from_step):
@@ -51,10 +56,21 @@ if __name__ == "__main__":
         inject_nan(args.nan_from_step)
     from cpl_mini.train import train
 
-    cfg = TrainConfig(size="XS", epochs=args.epochs, batch_size=64, augment=False, out=args.out, device="cpu",
-                      seed=3, channels_last=False, amp="off", threads=1)
+    cfg = TrainConfig(
+        size="XS",
+        epochs=args.epochs,
+        batch_size=64,
+        augment=False,
+        out=args.out,
+        device="cpu",
+        seed=3,
+        channels_last=False,
+        amp="off",
+        threads=1,
+    )
     res = train(cfg, data=synthetic(n_train=args.n_train), progress=False, log=lambda *a: None)
     status = pathlib.Path(args.out + "-status")
     status.mkdir(parents=True, exist_ok=True)
-    (status / f"rank{rank}.json").write_text(json.dumps({"status": res.get("status"),
-                                                          "epochs_completed": res.get("epochs_completed")}))
+    (status / f"rank{rank}.json").write_text(
+        json.dumps({"status": res.get("status"), "epochs_completed": res.get("epochs_completed")})
+    )

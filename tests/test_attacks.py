@@ -8,6 +8,7 @@ These checks have teeth: the same attack refutes a radius only twice too large, 
 inside the radius its margin would claim if it were 1-Lipschitz, and on a linear model (float64) finds
 the exact minimal distance ``min_j (f_y - f_j) / ||w_y - w_j||``.
 """
+
 import math
 import warnings
 
@@ -66,10 +67,12 @@ def _cifar_8x8(root):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ArchiveChecksumWarning)  # the offline copy is a known JPEG decode
         data = load_cifar("cifar10", root=root, download=False)
-    train = DeviceLoader(data.train_images, data.train_labels, 2000, train=False, limit=2000,
-                         channels_last=False)
-    test = DeviceLoader(data.test_images, data.test_labels, 200, train=False, mean=train.mean, limit=200,
-                        channels_last=False)
+    train = DeviceLoader(
+        data.train_images, data.train_labels, 2000, train=False, limit=2000, channels_last=False
+    )
+    test = DeviceLoader(
+        data.test_images, data.test_labels, 200, train=False, mean=train.mean, limit=200, channels_last=False
+    )
     (xtr, ytr), (xte, yte) = next(iter(train)), next(iter(test))
     return F.avg_pool2d(xtr, 4), ytr, F.avg_pool2d(xte, 4), yte
 
@@ -86,8 +89,15 @@ def trained_cpl(request):
     model = cpl_network((2, 1, 16, 64), input_size=8)
     _train(model, xtr, ytr, 300, 1e-2, lambda out, t: margin_loss(out, t, 0.7))
     res = certified_accuracy(model, (xte, yte))
-    return {"name": request.param, "model": model, "x": xte, "y": yte, "radii": res["radii"],
-            "lipschitz": res["lipschitz"], "accuracy": res["accuracy"]}
+    return {
+        "name": request.param,
+        "model": model,
+        "x": xte,
+        "y": yte,
+        "radii": res["radii"],
+        "lipschitz": res["lipschitz"],
+        "accuracy": res["accuracy"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +148,9 @@ def trained_mlp():
     xtr, ytr = _prototype_images(2000, seed=0)
     xte, yte = _prototype_images(200, seed=1)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                          nn.Linear(256, 10))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(192, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
     _train(model, xtr, ytr, 200, 1e-3, F.cross_entropy)
     with torch.no_grad():
         keep = model(xte).argmax(1) == yte

@@ -1,5 +1,6 @@
 """cpl_mini.bounds: the network bound is the product of its parts' bounds, in evaluation mode only,
 checked where the claims are sharp: parts with constants above 1 whose top directions line up."""
+
 import doctest
 import math
 

@@ -1,5 +1,6 @@
 """cpl_mini.certify: the margin certificate against independent computations (exact rationals, the
 exact distance to the decision boundary of linear models, argmax), on every device, float32 and float64."""
+
 import doctest
 import math
 from fractions import Fraction
@@ -95,7 +96,7 @@ def test_radius_near_ties_is_rounded_down(dtype, device, lipschitz):
 
 def test_radius_keeps_float64_precision():
     """float64 logits 1 + 3 ulp and 1: the float64 radius is 3 ulp / sqrt 2 (float32 would say 0)."""
-    ulp = 2.0 ** -52
+    ulp = 2.0**-52
     logits = torch.tensor([[1.0 + 3 * ulp, 1.0]], dtype=torch.float64)
     r = certified_radius(logits, torch.tensor([0]))
     assert r.dtype == torch.float64
@@ -106,8 +107,11 @@ def pairwise_reference(logits, labels, k_matrix, lipschitz):
     """min_{j != y} (f_y - f_j) / (L K_yj) from exact margins, as floats (nearest)."""
     out = []
     for row, y in zip(logits.tolist(), labels.tolist()):
-        vals = [(Fraction(row[y]) - Fraction(row[j])) / (Fraction(lipschitz) * Fraction(k_matrix[y][j]))
-                for j in range(len(row)) if j != y]
+        vals = [
+            (Fraction(row[y]) - Fraction(row[j])) / (Fraction(lipschitz) * Fraction(k_matrix[y][j]))
+            for j in range(len(row))
+            if j != y
+        ]
         out.append(min(vals))
     return out
 
@@ -149,8 +153,13 @@ def boundary_distance(model, logits, labels):
     z = logits.detach().double().cpu()
     out = []
     for i, y in enumerate(labels.tolist()):
-        out.append(min((z[i, y] - z[i, j]).item() / (body.T @ (v[y] - v[j])).norm().item()
-                       for j in range(z.shape[1]) if j != y))
+        out.append(
+            min(
+                (z[i, y] - z[i, j]).item() / (body.T @ (v[y] - v[j])).norm().item()
+                for j in range(z.shape[1])
+                if j != y
+            )
+        )
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -193,8 +202,9 @@ def test_plain_radius_never_exceeds_the_exact_distance_of_a_linear_model():
     lip = lipschitz_upper_bound(model)
     assert lip >= 2.0
     plain = certified_radius(logits, labels, lipschitz=lip)
-    pair = certified_radius_pairwise(logits, labels, model[1].pairwise_lipschitz(),
-                                     lipschitz=lipschitz_upper_bound(model[:1]))
+    pair = certified_radius_pairwise(
+        logits, labels, model[1].pairwise_lipschitz(), lipschitz=lipschitz_upper_bound(model[:1])
+    )
     exact = boundary_distance(model, logits, labels)
     assert bool((plain <= exact).all()) and bool((pair <= exact).all())
     assert bool((plain < pair).any())  # the pairwise certificate is the tighter one here
@@ -269,7 +279,7 @@ def test_bf16_trained_network_certificates_hold():
     torch.manual_seed(0)
     net = cpl_network((1, 1, 8, 32), input_size=8)
     x = torch.randn(256, 3, 8, 8)
-    y = (x.flatten(1)[:, :10].argmax(1))
+    y = x.flatten(1)[:, :10].argmax(1)
     opt = torch.optim.Adam(net.parameters(), lr=3e-2, fused=True)
     for step in range(30):
         if step % 10 == 0:  # an evaluation every "epoch", as a training loop does: fills the norm caches

@@ -6,6 +6,7 @@ are shrunk to the synthetic ones (:func:`use_rows`). The format checks themselve
 sizes, hostile files in a subprocess whose peak memory is measured, and one module fixture reads the real
 offline archive (``$CPL_MINI_DATA`` or ``<repo>/../shared/data``).
 """
+
 import dataclasses
 import gzip
 import hashlib
@@ -50,6 +51,7 @@ C10_ARCHIVE = "cifar-10-python.tar.gz"
 @dataclasses.dataclass
 class Claim:
     """An array as a pickle may describe it: any ``shape``, any ``payload``, any ``_reconstruct`` shape."""
+
     shape: tuple
     payload: bytes
     recon: tuple = (0,)
@@ -68,7 +70,7 @@ def py2_pickle(obj) -> bytes:
         if 1 <= len(items) <= 3:
             for v in items:
                 emit(v)
-            out.append(b"\x85\x86\x87"[len(items) - 1:len(items)])  # TUPLE1/2/3
+            out.append(b"\x85\x86\x87"[len(items) - 1 : len(items)])  # TUPLE1/2/3
         else:
             out.append(b"(")
             for v in items:
@@ -100,25 +102,25 @@ def py2_pickle(obj) -> bytes:
                 assert o.dtype == np.uint8 and o.ndim == 2 and o.flags.c_contiguous
                 o = Claim(o.shape, o.tobytes())
             out.append(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n")
-            emit_tuple(o.recon)            # (0,)
+            emit_tuple(o.recon)  # (0,)
             emit(b"b")
-            out.append(b"\x87R(")          # TUPLE3, REDUCE, MARK of the state
+            out.append(b"\x87R(")  # TUPLE3, REDUCE, MARK of the state
             emit(1)
             emit_tuple(o.shape)
             out.append(b"cnumpy\ndtype\n")
             emit(b"u1")
             emit(0)
             emit(1)
-            out.append(b"\x87R(")          # dtype('u1', 0, 1), then its state
+            out.append(b"\x87R(")  # dtype('u1', 0, 1), then its state
             emit(3)
             emit(b"|")
             out.append(b"NNN")
             emit(-1)
             emit(-1)
             emit(0)
-            out.append(b"tb\x89")          # BUILD the dtype, is_fortran False
+            out.append(b"tb\x89")  # BUILD the dtype, is_fortran False
             emit(o.payload)
-            out.append(b"tb")              # BUILD the array
+            out.append(b"tb")  # BUILD the array
         else:
             raise TypeError(type(o))
 
@@ -134,7 +136,7 @@ def rows_of(images: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class Synthetic:
-    files: dict          # member file name -> bytes
+    files: dict  # member file name -> bytes
     train_x: np.ndarray  # (N, 3, 32, 32) uint8
     train_y: np.ndarray
     test_x: np.ndarray
@@ -148,18 +150,29 @@ def synthetic_cifar10(n_per_batch=7, n_test=9, seed=0) -> Synthetic:
     for i in range(1, 6):
         x = rng.integers(0, 256, (n_per_batch, 3, 32, 32), dtype=np.uint8)
         y = rng.integers(0, 10, n_per_batch)
-        files[f"data_batch_{i}"] = py2_pickle({
-            b"batch_label": f"training batch {i} of 5".encode(), b"labels": [int(v) for v in y],
-            b"data": rows_of(x), b"filenames": [f"img_{i}_{k}.png".encode() for k in range(n_per_batch)]})
+        files[f"data_batch_{i}"] = py2_pickle(
+            {
+                b"batch_label": f"training batch {i} of 5".encode(),
+                b"labels": [int(v) for v in y],
+                b"data": rows_of(x),
+                b"filenames": [f"img_{i}_{k}.png".encode() for k in range(n_per_batch)],
+            }
+        )
         xs.append(x)
         ys.append(y)
     tx = rng.integers(0, 256, (n_test, 3, 32, 32), dtype=np.uint8)
     ty = rng.integers(0, 10, n_test)
-    files["test_batch"] = py2_pickle({b"batch_label": b"testing batch 1 of 1",
-                                      b"labels": [int(v) for v in ty], b"data": rows_of(tx),
-                                      b"filenames": [b"t.png"] * n_test})
-    files["batches.meta"] = py2_pickle({b"num_cases_per_batch": 10000, b"num_vis": 3072,
-                                        b"label_names": [c.encode() for c in CIFAR_CLASSES]})
+    files["test_batch"] = py2_pickle(
+        {
+            b"batch_label": b"testing batch 1 of 1",
+            b"labels": [int(v) for v in ty],
+            b"data": rows_of(tx),
+            b"filenames": [b"t.png"] * n_test,
+        }
+    )
+    files["batches.meta"] = py2_pickle(
+        {b"num_cases_per_batch": 10000, b"num_vis": 3072, b"label_names": [c.encode() for c in CIFAR_CLASSES]}
+    )
     return Synthetic(files, np.concatenate(xs), np.concatenate(ys), tx, ty, list(CIFAR_CLASSES))
 
 
@@ -195,8 +208,9 @@ def assert_matches(data: CifarData, syn: Synthetic):
 
 def use_rows(monkeypatch, name: str, train_rows: int, test_rows: int) -> None:
     """Shrink the row counts the format demands to those of a synthetic data set (for this test only)."""
-    monkeypatch.setitem(C._SPECS, name, dataclasses.replace(C._SPECS[name], train_rows=train_rows,
-                                                            test_rows=test_rows))
+    monkeypatch.setitem(
+        C._SPECS, name, dataclasses.replace(C._SPECS[name], train_rows=train_rows, test_rows=test_rows)
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -255,12 +269,26 @@ def test_cifar100_fine_labels(tmp_path, monkeypatch):
     fine, tfine = rng.integers(0, 100, 11), rng.integers(0, 100, 5)
     names = [f"class_{k:02d}" for k in range(100)]
     files = {
-        "train": py2_pickle({b"data": rows_of(x), b"fine_labels": [int(v) for v in fine],
-                             b"coarse_labels": [int(v) // 5 for v in fine]}),
-        "test": py2_pickle({b"data": rows_of(tx), b"fine_labels": [int(v) for v in tfine],
-                            b"coarse_labels": [int(v) // 5 for v in tfine]}),
-        "meta": py2_pickle({b"fine_label_names": [n.encode() for n in names],
-                            b"coarse_label_names": [f"super_{k}".encode() for k in range(20)]}),
+        "train": py2_pickle(
+            {
+                b"data": rows_of(x),
+                b"fine_labels": [int(v) for v in fine],
+                b"coarse_labels": [int(v) // 5 for v in fine],
+            }
+        ),
+        "test": py2_pickle(
+            {
+                b"data": rows_of(tx),
+                b"fine_labels": [int(v) for v in tfine],
+                b"coarse_labels": [int(v) // 5 for v in tfine],
+            }
+        ),
+        "meta": py2_pickle(
+            {
+                b"fine_label_names": [n.encode() for n in names],
+                b"coarse_label_names": [f"super_{k}".encode() for k in range(20)],
+            }
+        ),
     }
     write_tar(tmp_path / "cifar-100-python.tar.gz", "cifar-100-python", files)
     with pytest.warns(ArchiveChecksumWarning):
@@ -378,11 +406,14 @@ def test_not_an_archive(tmp_path):
         load_cifar(root=tmp_path, download=False)
 
 
-@pytest.mark.parametrize("damage, match", [
-    ("missing_member", "missing member.*test_batch"),
-    ("bad_shape", r"data_batch_3.*\(N, 3072\)"),
-    ("bad_labels", "data_batch_4: 7 images but labels"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("missing_member", "missing member.*test_batch"),
+        ("bad_shape", r"data_batch_3.*\(N, 3072\)"),
+        ("bad_labels", "data_batch_4: 7 images but labels"),
+    ],
+)
 def test_wrong_content(tmp_path, syn, damage, match):
     files = dict(syn.files)
     if damage == "missing_member":
@@ -498,7 +529,6 @@ def test_real_archive(real):
         assert "known offline copy" in str(warned[0].message) and "JPEG" in str(warned[0].message)
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # The format is checked before anything is allocated, at the real sizes
 # ----------------------------------------------------------------------------------------------------
@@ -520,8 +550,13 @@ def tar_member(name: str, payload: bytes, size=None, kind=tarfile.REGTYPE) -> by
 def official_batch(rows=OFFICIAL_ROWS, labels=None) -> bytes:
     """A CIFAR-10 training batch of ``rows`` black pictures (the official opcodes)."""
     labels = [k % 10 for k in range(rows)] if labels is None else labels
-    return py2_pickle({b"batch_label": b"training batch 1 of 5", b"labels": labels,
-                       b"data": np.zeros((rows, 3072), np.uint8)})
+    return py2_pickle(
+        {
+            b"batch_label": b"training batch 1 of 5",
+            b"labels": labels,
+            b"data": np.zeros((rows, 3072), np.uint8),
+        }
+    )
 
 
 def only_data_batch_1(root: Path, payload: bytes, form: str) -> Path:
@@ -535,12 +570,16 @@ def only_data_batch_1(root: Path, payload: bytes, form: str) -> Path:
 
 
 @pytest.mark.parametrize("form", ["archive", "folder"])
-@pytest.mark.parametrize("damage, match", [
-    ("9999 rows", r"data_batch_1: refused a uint8 array of shape \(9999, 3072\) .*N = 10000"),
-    ("label 10", r"data_batch_1: labels b'labels' outside \[0, 10\) \(min 0, max 10\)"),
-    ("label -1", r"data_batch_1: labels b'labels' outside \[0, 10\) \(min -1, max 9\)"),
-    ("9999 labels", r"data_batch_1: 10000 images but labels b'labels' of shape \(9999,\)"),
-], ids=["9999 rows", "label 10", "label -1", "9999 labels"])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("9999 rows", r"data_batch_1: refused a uint8 array of shape \(9999, 3072\) .*N = 10000"),
+        ("label 10", r"data_batch_1: labels b'labels' outside \[0, 10\) \(min 0, max 10\)"),
+        ("label -1", r"data_batch_1: labels b'labels' outside \[0, 10\) \(min -1, max 9\)"),
+        ("9999 labels", r"data_batch_1: 10000 images but labels b'labels' of shape \(9999,\)"),
+    ],
+    ids=["9999 rows", "label 10", "label -1", "9999 labels"],
+)
 def test_batches_must_fit_the_official_format(tmp_path, form, damage, match):
     rows = 9999 if damage == "9999 rows" else OFFICIAL_ROWS
     labels = [k % 10 for k in range(rows)]
@@ -559,11 +598,15 @@ def test_cifar100_coarse_labels_are_checked_too(tmp_path, monkeypatch):
     use_rows(monkeypatch, "cifar100", 3, 2)
 
     def batch(n, coarse):
-        return py2_pickle({b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": [99] * n,
-                           b"coarse_labels": coarse})
+        return py2_pickle(
+            {b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": [99] * n, b"coarse_labels": coarse}
+        )
 
-    files = {"train": batch(3, [19, 0, 20]), "test": batch(2, [0, 0]),
-             "meta": py2_pickle({b"fine_label_names": [b"x"] * 100})}
+    files = {
+        "train": batch(3, [19, 0, 20]),
+        "test": batch(2, [0, 0]),
+        "meta": py2_pickle({b"fine_label_names": [b"x"] * 100}),
+    }
     write_folder(tmp_path, "cifar-100-python", files)
     with pytest.raises(CorruptArchiveError, match=r"train: labels b'coarse_labels' outside \[0, 20\)"):
         load_cifar("cifar100", root=tmp_path, download=False)
@@ -585,8 +628,11 @@ def test_member_claiming_a_huge_size_is_refused(tmp_path, syn):
     members = [tar_member(f"{C10}/{name}", payload) for name, payload in syn.files.items()]
     members[3] = tar_member(f"{C10}/data_batch_4", b"tiny", size=10**12)
     (tmp_path / C10_ARCHIVE).write_bytes(gz_tar(*members))
-    with pytest.raises(CorruptArchiveError, match=r"member cifar-10-batches-py/data_batch_4 claims "
-                                                  r"1000000000000 bytes, more than a CIFAR-10 data_batch_4"):
+    with pytest.raises(
+        CorruptArchiveError,
+        match=r"member cifar-10-batches-py/data_batch_4 claims "
+        r"1000000000000 bytes, more than a CIFAR-10 data_batch_4",
+    ):
         load_cifar(root=tmp_path, download=False)
 
 
@@ -601,12 +647,14 @@ def test_data_past_the_tar_end_is_bounded(tmp_path, syn):
         load_cifar(root=tmp_path, download=False)
 
 
-
-@pytest.mark.parametrize("damage, match", [
-    ("65 members", r"more than 64 tar members"),
-    ("twice", rf"member {C10}/data_batch_2 appears twice"),
-    ("sparse", rf"member {C10}/data_batch_2 is a sparse file"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("65 members", r"more than 64 tar members"),
+        ("twice", rf"member {C10}/data_batch_2 appears twice"),
+        ("sparse", rf"member {C10}/data_batch_2 is a sparse file"),
+    ],
+)
 def test_tar_layouts_the_format_never_uses(tmp_path, syn, damage, match):
     members = [tar_member(f"{C10}/{name}", payload) for name, payload in syn.files.items()]
     if damage == "65 members":
@@ -629,12 +677,15 @@ def test_oversized_folder_file_is_refused(tmp_path, syn):
         load_cifar(root=tmp_path, download=False)
 
 
-@pytest.mark.parametrize("damage, match", [
-    ("two pixel arrays", r"holds more arrays than a CIFAR batch"),
-    ("5000 opcodes", r"has more than 4152 pickle opcodes"),
-    ("dtype with fields", r"refused a dtype state that is not numpy's own"),
-    ("float labels", r"b'labels' should be a list of 7 integer labels"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("two pixel arrays", r"holds more arrays than a CIFAR batch"),
+        ("5000 opcodes", r"has more than 4152 pickle opcodes"),
+        ("dtype with fields", r"refused a dtype state that is not numpy's own"),
+        ("float labels", r"b'labels' should be a list of 7 integer labels"),
+    ],
+)
 def test_pickles_the_format_never_uses(tmp_path, syn, damage, match):
     """With 7 rows a batch may hold one (7, 3072) uint8 array, 8 * 7 + 4096 opcodes, integer labels."""
     pixels = np.zeros((7, 3072), np.uint8)
@@ -652,6 +703,7 @@ def test_pickles_the_format_never_uses(tmp_path, syn, damage, match):
     write_folder(tmp_path, C10, files)
     with pytest.raises(CorruptArchiveError, match=rf"{C10}/data_batch_2: .*{match}"):
         load_cifar(root=tmp_path, download=False)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Hostile files: refused quickly, with a small peak memory (measured in a subprocess)
@@ -676,9 +728,11 @@ def hex_bomb(levels: int) -> bytes:
 
 def object_array(n: int) -> bytes:
     """numpy's own opcodes for an object array of ``n`` entries whose state carries an empty list."""
-    return batch_with(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R("
-                      b"K\x01J" + struct.pack("<i", n) + b"\x85cnumpy\ndtype\nU\x02O8K\x00K\x01\x87R("
-                      b"K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tb\x89](etb")
+    return batch_with(
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R("
+        b"K\x01J" + struct.pack("<i", n) + b"\x85cnumpy\ndtype\nU\x02O8K\x00K\x01\x87R("
+        b"K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tb\x89](etb"
+    )
 
 
 BOMB = 256 << 20  # bytes of zeros behind a tar header that claims them
@@ -694,25 +748,41 @@ def zeros_gz():
 
 # name -> (data_batch_1 pickle, or a builder of the tar.gz from BOMB zeros, expected message)
 HOSTILE = {
-    "state asks for (10**9,)": (batch_with(ops_of(Claim((10**9,), b"abcd"))),
-                                r"refused a uint8 array of shape \(1000000000,\) \(1000000000 bytes\) before "
-                                r"allocating it"),
-    "state asks for (10000, 10**6)": (batch_with(ops_of(Claim((10000, 10**6), b"abcd"))),
-                                      r"refused a uint8 array of shape \(10000, 1000000\)"),
-    "payload shorter than shape": (batch_with(ops_of(Claim((10000, 3072), b"abcd"))),
-                                   r"payload holds 4 bytes, not the 30720000 bytes that shape needs"),
-    "_reconstruct asks for (10**9,)": (batch_with(ops_of(Claim((1,), b"a", recon=(10**9,)))),
-                                       r"refused numpy's _reconstruct with other arguments"),
-    "numpy.ndarray called": (batch_with(b"cnumpy\nndarray\n(J" + struct.pack("<i", 10**9)
-                                        + b"tcnumpy\ndtype\nU\x02u1K\x00K\x01\x87R\x86R"),
-                             r"calls numpy.ndarray itself"),
-    "bytes8 claims 10**9": (batch_with(b"\x8e" + (10**9).to_bytes(8, "little") + b"abcd", b"\x80\x04"),
-                            r"not a valid pickle \(expected 1000000000 bytes in a bytes8, but only \d+ "),
-    "tar member of 256 MiB": (lambda z: gzip.compress(tar_member(f"{C10}/data_batch_1", b"", size=BOMB)) + z,
-                              rf"member {C10}/data_batch_1 claims {BOMB} bytes"),
-    "pax header of 256 MiB": (lambda z: gzip.compress(tar_member("././@PaxHeader", b"", size=BOMB,
-                                                                 kind=tarfile.XHDTYPE)) + z,
-                              rf"an extended tar header before offset 0 claims {BOMB} bytes"),
+    "state asks for (10**9,)": (
+        batch_with(ops_of(Claim((10**9,), b"abcd"))),
+        r"refused a uint8 array of shape \(1000000000,\) \(1000000000 bytes\) before "
+        r"allocating it",
+    ),
+    "state asks for (10000, 10**6)": (
+        batch_with(ops_of(Claim((10000, 10**6), b"abcd"))),
+        r"refused a uint8 array of shape \(10000, 1000000\)",
+    ),
+    "payload shorter than shape": (
+        batch_with(ops_of(Claim((10000, 3072), b"abcd"))),
+        r"payload holds 4 bytes, not the 30720000 bytes that shape needs",
+    ),
+    "_reconstruct asks for (10**9,)": (
+        batch_with(ops_of(Claim((1,), b"a", recon=(10**9,)))),
+        r"refused numpy's _reconstruct with other arguments",
+    ),
+    "numpy.ndarray called": (
+        batch_with(
+            b"cnumpy\nndarray\n(J" + struct.pack("<i", 10**9) + b"tcnumpy\ndtype\nU\x02u1K\x00K\x01\x87R\x86R"
+        ),
+        r"calls numpy.ndarray itself",
+    ),
+    "bytes8 claims 10**9": (
+        batch_with(b"\x8e" + (10**9).to_bytes(8, "little") + b"abcd", b"\x80\x04"),
+        r"not a valid pickle \(expected 1000000000 bytes in a bytes8, but only \d+ ",
+    ),
+    "tar member of 256 MiB": (
+        lambda z: gzip.compress(tar_member(f"{C10}/data_batch_1", b"", size=BOMB)) + z,
+        rf"member {C10}/data_batch_1 claims {BOMB} bytes",
+    ),
+    "pax header of 256 MiB": (
+        lambda z: gzip.compress(tar_member("././@PaxHeader", b"", size=BOMB, kind=tarfile.XHDTYPE)) + z,
+        rf"an extended tar header before offset 0 claims {BOMB} bytes",
+    ),
     # last: they touch memory when let through (ru_maxrss is a high-water mark, so it would hide later cases)
     "hex bomb": (hex_bomb(28), r"refused _codecs.encode other than str -> latin-1"),
     "memo slot 2**26": (batch_with(b"Nr" + struct.pack("<I", 2**26)), r"asks for memo slot 67108864"),
@@ -761,8 +831,14 @@ def hostile_results(tmp_path_factory, zeros_gz):
             only_data_batch_1(root, made, "folder")
         roots[name] = str(root)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", CHILD, *roots.values()], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, *roots.values()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(REPO),
+    )
     assert proc.returncode == 0, f"the reading process died (rc {proc.returncode}): {proc.stderr[-2000:]}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     return {name: results[root] for name, root in roots.items()}
@@ -775,8 +851,11 @@ def test_hostile_file_is_refused_with_bounded_memory(hostile_results, case):
     r = hostile_results[case]
     error = r["error"] or "accepted"
     assert error.startswith("CorruptArchiveError: "), error
-    assert f"{C10}/data_batch_1: " in error or f"{C10_ARCHIVE} cannot be read as CIFAR-10 (member" in error \
-        or f"{C10_ARCHIVE} cannot be read as CIFAR-10 (an extended tar header" in error, error
+    assert (
+        f"{C10}/data_batch_1: " in error
+        or f"{C10_ARCHIVE} cannot be read as CIFAR-10 (member" in error
+        or f"{C10_ARCHIVE} cannot be read as CIFAR-10 (an extended tar header" in error
+    ), error
     assert re.search(HOSTILE[case][1], error), error
     assert r["traced_mb"] < 300 and r["rss_mb"] < 300, r
     assert r["seconds"] < 10, r

@@ -4,6 +4,7 @@ For each exercise: the right answer (computed here independently, in closed form
 passes; typical wrong answers fail; the hint never contains the answer; an unanswered exercise
 (``None``) fails with a hint.
 """
+
 import math
 
 import pytest
@@ -50,8 +51,12 @@ def test_7_2_inverse_cayley():
 
     assert grade("7.2", right).ok
     assert not grade("7.2", lambda Q: Q - Q.T).ok  # skew, but not the inverse
-    wrong_order = grade("7.2", lambda Q: torch.linalg.solve(torch.eye(len(Q), dtype=Q.dtype) - Q,
-                                                             torch.eye(len(Q), dtype=Q.dtype) + Q))
+    wrong_order = grade(
+        "7.2",
+        lambda Q: torch.linalg.solve(
+            torch.eye(len(Q), dtype=Q.dtype) - Q, torch.eye(len(Q), dtype=Q.dtype) + Q
+        ),
+    )
     assert not wrong_order.ok  # A^-1: cay of it is -Q
     assert not grade("7.2", lambda Q: Q).ok  # not skew
     returns_none = grade("7.2", lambda Q: None)

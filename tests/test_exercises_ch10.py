@@ -3,6 +3,7 @@
 For each exercise: the right answer (computed here in closed form) passes; typical wrong answers
 fail; the hint never contains the answer; an unanswered exercise (``None``) fails with a hint.
 """
+
 import math
 
 import pytest
@@ -51,8 +52,12 @@ def test_10_4_radius_behind_normalisation():
     right = 1.5 * 0.2435 / math.sqrt(2)  # margin / (sqrt(2) L), L = 1 / min(std)
     assert grade("10.4", right).ok
     assert grade("10.4", 0.2583).ok
-    for wrong in (1.5 / math.sqrt(2), 1.5 * 0.2435, 1.5 * 0.2616 / math.sqrt(2),
-                  1.5 / (math.sqrt(2) * 0.2435)):
+    for wrong in (
+        1.5 / math.sqrt(2),
+        1.5 * 0.2435,
+        1.5 * 0.2616 / math.sqrt(2),
+        1.5 / (math.sqrt(2) * 0.2435),
+    ):
         feedback = grade("10.4", wrong)
         assert not feedback.ok and feedback.hint
         _no_answer_in(feedback.hint, right)

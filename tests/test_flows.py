@@ -3,6 +3,7 @@
 References are independent of the code under test: matrix exponentials and matrix powers for linear
 fields, exact SVDs, autograd for gradients, and a tightly-solved ODE for the Euler error.
 """
+
 import math
 
 import pytest
@@ -246,8 +247,7 @@ def test_gradient_step_is_nonexpansive_iff_h_at_most_2_over_L(scale):
     L = field.smoothness()
     x = 3 * torch.randn(64, d, dtype=DT) / scale  # pre-activations W x of order 6, beyond b
     for c in (0.5, 1.0, 2.0):
-        ratio = euler_step_lipschitz_lower_bound(field, c / L, x, n_pairs=500, search_steps=60,
-                                                 seed=1)
+        ratio = euler_step_lipschitz_lower_bound(field, c / L, x, n_pairs=500, search_steps=60, seed=1)
         assert ratio <= 1 + 1e-9, (c, ratio)
     # independent check at h = 2/L: random pairs evaluated directly
     step = euler_step(field, 2 / L)

@@ -19,7 +19,9 @@ def test_script_parses():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the check really runs")
 def test_refuses_without_cuda(tmp_path):
     env = {**os.environ, "RESULTS_DIR": str(tmp_path), "PYTHON": sys.executable}
-    result = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1
     log = (tmp_path / "gpu_check.log").read_text()
     assert "no usable CUDA GPU here" in log

@@ -4,6 +4,7 @@ References: the exact SVD of the matrix, and the explicit matrix of the zero-pad
 by pushing the identity basis through ``conv2d``. A bound must never fall below the exact value, must
 not increase with the number of iterations, and must converge to the value its theory says.
 """
+
 import math
 
 import pytest
@@ -148,7 +149,7 @@ def test_conv_never_below_explicit_zero_padded_norm(cout, cin, k, size, padding)
     for rep in range(6):
         kernel = torch.randn(cout, cin, k, k, generator=g, dtype=torch.float64)
         if rep % 2:
-            kernel = kernel ** 3  # heavier tails, a few dominant taps
+            kernel = kernel**3  # heavier tails, a few dominant taps
         kernel = kernel * 10.0 ** float(torch.empty(1, dtype=torch.float64).uniform_(-3, 3, generator=g))
         exact = svd_norm(conv_matrix(kernel, size, p))
         for t in ITERS:
@@ -179,8 +180,9 @@ def test_conv_decreases_to_the_enlarged_circular_norm(cout, cin, k, size):
     assert torch.isclose(bounds[-1], conv_spectral_norm_upper(kernel, size), rtol=1e-8)
 
 
-@pytest.mark.parametrize("cout,cin,k,size,padding", [(5, 12, 3, (16, 16), None), (6, 4, 5, (9, 7), 1),
-                                                      (3, 3, 1, (5, 5), None)])
+@pytest.mark.parametrize(
+    "cout,cin,k,size,padding", [(5, 12, 3, (16, 16), None), (6, 4, 5, (9, 7), 1), (3, 3, 1, (5, 5), None)]
+)
 def test_conv_matches_a_naive_reference(cout, cin, k, size, padding):
     """Same numbers as the textbook algorithm: full FFT (fft2, every frequency), no rescaling, no pruning."""
     kernel = torch.randn(cout, cin, k, k, dtype=torch.float64)
@@ -191,13 +193,15 @@ def test_conv_matches_a_naive_reference(cout, cin, k, size, padding):
         g = symbols
         for _ in range(t):
             g = g.mH @ g
-        naive = (torch.linalg.matrix_norm(g) ** (1 / 2 ** t)).max()
+        naive = (torch.linalg.matrix_norm(g) ** (1 / 2**t)).max()
         bound = gram_iteration_conv(kernel, size, padding, n_iter=t)
         assert torch.isclose(bound, naive, rtol=2e-9), t  # margin 1e-9
 
 
-@pytest.mark.parametrize("shape,n", [((5, 16, 3, 3), 32), ((5, 45, 3, 3), 32), ((16, 16, 3, 3), 16),
-                                     ((8, 3, 3, 3), 32), ((32, 32, 3, 3), 8)])
+@pytest.mark.parametrize(
+    "shape,n",
+    [((5, 16, 3, 3), 32), ((5, 45, 3, 3), 32), ((16, 16, 3, 3), 16), ((8, 3, 3, 3), 32), ((32, 32, 3, 3), 8)],
+)
 def test_conv_six_iterations_are_within_one_percent(shape, n):
     """Typical CPL kernels (Kaiming-uniform, as the layer initialises them): after 6 steps the bound is
     within 1% of the exact enlarged-grid norm (in fact far closer)."""

@@ -1,5 +1,6 @@
 """cpl_mini.layers: the eval-mode CPL layers are provably 1-Lipschitz; checked with exact Jacobians on
 every device and in float32 and float64, against exact (fractions) arithmetic where rounding matters."""
+
 import copy
 import doctest
 import math
@@ -71,10 +72,13 @@ def _cases():
     for f, m in DENSE:
         yield (f"dense{f}x{m}", lambda f=f, m=m, **kw: ConvexPotentialLinear(f, m, **kw), lambda f=f: (f,))
     for c, m, k, n in CONV:
-        yield (f"conv{c}-{m}-k{k}-{n}",
-               lambda c=c, m=m, k=k, n=n, **kw: ConvexPotentialConv2d(c, m, kernel_size=k, input_size=(n, n),
-                                                                       **kw),
-               lambda c=c, n=n: (1, c, n, n))
+        yield (
+            f"conv{c}-{m}-k{k}-{n}",
+            lambda c=c, m=m, k=k, n=n, **kw: ConvexPotentialConv2d(
+                c, m, kernel_size=k, input_size=(n, n), **kw
+            ),
+            lambda c=c, n=n: (1, c, n, n),
+        )
 
 
 CASES = list(_cases())
@@ -137,12 +141,19 @@ def test_step_times_exact_norm_squared_is_at_most_two(kind, dt):
     half the layers, more than the 2e-9 that sigma_up's margin leaves: h must be rounded down."""
     for seed in range(12):
         torch.manual_seed(seed)
-        layer = (ConvexPotentialLinear(7, 5) if kind == "dense" else
-                 ConvexPotentialConv2d(3, 2, input_size=(5, 5))).to(dt).eval()
+        layer = (
+            (
+                ConvexPotentialLinear(7, 5)
+                if kind == "dense"
+                else ConvexPotentialConv2d(3, 2, input_size=(5, 5))
+            )
+            .to(dt)
+            .eval()
+        )
         x = torch.zeros((1, 7) if kind == "dense" else (1, 3, 5, 5), dtype=torch.float64)
         exact = Fraction(exact_operator_norm(layer, x))  # the stored weight, exactly in float64
         h = layer.step_size()  # the step the forward uses (float32 for float32 and lower weights)
-        assert Fraction(h.item()) * exact ** 2 <= 2 * (1 - Fraction(1, 10 ** 9)), seed
+        assert Fraction(h.item()) * exact**2 <= 2 * (1 - Fraction(1, 10**9)), seed
         assert h.item() <= layer.eval_step()  # every rounding of h goes down
         assert layer.lipschitz_bound() == 1.0  # computed exactly: 1, not 1 + a rounding error
     with torch.autocast("cpu", dtype=torch.bfloat16):  # an autocast forward rounds h down to bf16
@@ -193,15 +204,20 @@ def official_operators(layer):
     w = layer.weight.detach()
     if isinstance(layer, ConvexPotentialLinear):
         return (lambda u: F.linear(u, w)), (lambda v: F.linear(v, w.T))
-    return ((lambda u: F.conv2d(F.pad(u, (1, 1, 1, 1)), w)),
-            (lambda v: F.conv_transpose2d(v, w)[:, :, 1:-1, 1:-1]))
+    return (
+        (lambda u: F.conv2d(F.pad(u, (1, 1, 1, 1)), w)),
+        (lambda v: F.conv_transpose2d(v, w)[:, :, 1:-1, 1:-1]),
+    )
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])
 def test_power_mode_reproduces_the_official_evaluation(kind, dtype):
     torch.manual_seed(0)
-    layer = (ConvexPotentialLinear(12, 9, eval_norm="power") if kind == "dense" else
-             ConvexPotentialConv2d(4, 5, input_size=(8, 8), eval_norm="power")).to(dtype)
+    layer = (
+        ConvexPotentialLinear(12, 9, eval_norm="power")
+        if kind == "dense"
+        else ConvexPotentialConv2d(4, 5, input_size=(8, 8), eval_norm="power")
+    ).to(dtype)
     x = torch.randn((6, 12) if kind == "dense" else (6, 4, 8, 8), dtype=dtype)
     layer.train()
     layer(x)  # one training step moves the persistent vector
@@ -232,8 +248,9 @@ def test_power_estimate_is_power_iteration_and_leaves_the_buffer():
     u0 = layer.u.clone()
     start = torch.randn(1, 3, 6, 6, dtype=torch.float64)
     w = layer.weight.detach()
-    ref, _ = power_iteration(lambda v: F.conv2d(v, w, padding=1),
-                             lambda v: F.conv_transpose2d(v, w, padding=1), start, n_iter=7)
+    ref, _ = power_iteration(
+        lambda v: F.conv2d(v, w, padding=1), lambda v: F.conv_transpose2d(v, w, padding=1), start, n_iter=7
+    )
     assert layer.power_estimate(7, start=start).item() == pytest.approx(ref.item(), rel=1e-12)
     assert torch.equal(layer.u, u0)
     est = layer.power_estimate(1)  # from the persistent vector
@@ -311,8 +328,14 @@ def test_pieces_are_one_lipschitz_and_bound_of_a_network():
     assert torch.linalg.svdvals(m)[0].item() == pytest.approx(1.0, abs=1e-12)
     head = RowNormalizedLinear(7, 3)
     assert torch.allclose(head.normalized_weight().norm(dim=1), torch.ones(3))
-    net = nn.Sequential(ChannelPad(4), ConvexPotentialConv2d(4, 2, input_size=(8, 8)), LipschitzAvgPool2d(4),
-                        nn.Flatten(), ConvexPotentialLinear(16, 8), FirstCoordinates(3)).eval()
+    net = nn.Sequential(
+        ChannelPad(4),
+        ConvexPotentialConv2d(4, 2, input_size=(8, 8)),
+        LipschitzAvgPool2d(4),
+        nn.Flatten(),
+        ConvexPotentialLinear(16, 8),
+        FirstCoordinates(3),
+    ).eval()
     assert lipschitz_upper_bound(net) == 1.0
     assert net(torch.randn(2, 3, 8, 8)).shape == (2, 3)
     with pytest.raises(TypeError, match="Conv2d"):
@@ -339,8 +362,11 @@ def test_pairwise_lipschitz_of_nearly_parallel_rows_is_an_upper_bound():
         head.weight.copy_(base + 1e-7 * torch.randn(k, d))
     v = head.normalized_weight().detach().double()  # the rows the forward applies, exactly
     got = head.pairwise_lipschitz()
-    assert got.dtype == torch.float64 and got.shape == (k, k) and torch.equal(got.diagonal(), torch.zeros(k,
-                                                                                      dtype=torch.float64))
+    assert (
+        got.dtype == torch.float64
+        and got.shape == (k, k)
+        and torch.equal(got.diagonal(), torch.zeros(k, dtype=torch.float64))
+    )
     exact = exact_pairwise(v)
     worst = 0.0
     for i in range(k):

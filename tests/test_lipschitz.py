@@ -3,6 +3,7 @@
 References: matrices built with known singular values, torch.linalg.svdvals, and the product of the
 layers' exact spectral norms (an upper bound for networks with 1-Lipschitz activations).
 """
+
 import pytest
 import torch
 import torch.nn as nn
@@ -41,9 +42,17 @@ def _mlp(d_in=6, width=16, d_out=4, act=nn.Tanh):
 
 
 def _product_of_norms(model):
-    return float(torch.prod(torch.stack([
-        torch.linalg.svdvals(m.weight.detach())[0] for m in model.modules() if isinstance(m, nn.Linear)
-    ])))
+    return float(
+        torch.prod(
+            torch.stack(
+                [
+                    torch.linalg.svdvals(m.weight.detach())[0]
+                    for m in model.modules()
+                    if isinstance(m, nn.Linear)
+                ]
+            )
+        )
+    )
 
 
 @pytest.mark.parametrize("known", [True, False])
@@ -93,9 +102,11 @@ def test_power_iteration_matches_the_exact_jacobian_norm_of_an_mlp():
 
 def test_per_example_norms_of_a_convolutional_model():
     """Image-shaped inputs: norms over all non-batch dimensions, per example."""
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)
-    ).to(DT).eval()
+    model = (
+        nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+        .to(DT)
+        .eval()
+    )
     x = torch.randn(6, 2, 4, 4, dtype=DT)
     est = jacobian_spectral_norm(model, x, n_iter=300)
     ref = exact_jacobian_norm(model, x)

@@ -3,6 +3,7 @@
 Batches are checked against normalisation, crops and flips computed independently in float64; one
 module fixture reads the real offline archive (``$CPL_MINI_DATA`` or ``<repo>/../shared/data``).
 """
+
 import warnings
 
 import numpy as np
@@ -69,6 +70,7 @@ def test_no_std_and_channels_first(images):
 
 def test_train_epochs_are_seeded(images):
     x, y = images
+
     def run(epoch, seed=0):
         loader = DeviceLoader(x, y, 16, train=True, seed=seed)
         loader.set_epoch(epoch)
@@ -107,7 +109,7 @@ def test_augmentation_matches_an_independent_crop(images):
     padded = F.pad(x.double(), (4, 4, 4, 4), mode="reflect")  # (N, 3, 40, 40)
     for p in range(len(batches) * 32):
         k, dy, dx, flip = (int(t[p]) for t in (plan.order, plan.dy, plan.dx, plan.flip))
-        ref = padded[k, :, dy:dy + 32, dx:dx + 32]
+        ref = padded[k, :, dy : dy + 32, dx : dx + 32]
         if flip:
             ref = ref.flip(-1)
         ref = ref / 255 - loader.mean.double()
@@ -197,8 +199,9 @@ def test_limit_and_bad_input(images):
 # ----------------------------------------------------------------------------------------------------
 def synthetic_data(n_train=40, n_test=12, seed=0) -> CifarData:
     g = torch.Generator().manual_seed(seed)
-    pictures = [torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-                for n in (n_train, n_test)]
+    pictures = [
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g) for n in (n_train, n_test)
+    ]
     labels = [torch.randint(0, 10, (n,), generator=g) for n in (n_train, n_test)]
     return CifarData(pictures[0], labels[0], pictures[1], labels[1], [str(k) for k in range(10)], "cifar10")
 
@@ -245,7 +248,7 @@ def test_cifar_loaders_raw_pixels():
     xb, yb = next(iter(train))
     for p in range(8):
         k, dy, dx, flip = (int(t[p]) for t in (plan.order, plan.dy, plan.dx, plan.flip))
-        ref = padded[k, :, dy:dy + 32, dx:dx + 32]
+        ref = padded[k, :, dy : dy + 32, dx : dx + 32]
         assert torch.allclose(xb[p].double(), ref.flip(-1) if flip else ref, atol=1e-7)
         assert yb[p] == data.train_labels[k]
     with pytest.raises(ValueError, match="normalize=False"):
@@ -256,8 +259,16 @@ def test_cifar_loaders_raw_pixels():
 
 def test_cifar_loaders_options_reach_the_loaders():
     data = synthetic_data()
-    train, test = cifar_loaders(data, batch_size=8, augment=False, channels_last=False, limit_train=24,
-                                limit_test=10, test_batch_size=5, seed=7)
+    train, test = cifar_loaders(
+        data,
+        batch_size=8,
+        augment=False,
+        channels_last=False,
+        limit_train=24,
+        limit_test=10,
+        test_batch_size=5,
+        seed=7,
+    )
     assert not train.augment and (train.num_examples, test.num_examples) == (24, 10) and train.seed == 7
     xb, _ = next(iter(train))
     assert xb.is_contiguous() and not train.channels_last and not test.channels_last
@@ -275,8 +286,9 @@ def test_cifar_loaders_shard_under_ddp(shard_test):
     glob, glob_test = list(one_train), list(one_test)
     shards = []
     for rank in range(2):
-        train, test = cifar_loaders(data, batch_size=8, test_batch_size=6, seed=5, rank=rank, world_size=2,
-                                    shard_test=shard_test)
+        train, test = cifar_loaders(
+            data, batch_size=8, test_batch_size=6, seed=5, rank=rank, world_size=2, shard_test=shard_test
+        )
         train.set_epoch(2)
         shards.append((list(train), list(test)))
         assert (train.rank, train.world_size) == (rank, 2)

@@ -1,5 +1,6 @@
 """cpl_mini.models: the paper's sizes, the 1-Lipschitz certificate of the whole network, the input
 normalisation as its first layer, the memory layout."""
+
 import pytest
 import torch
 
@@ -68,10 +69,19 @@ def test_input_normalization_is_the_first_layer_and_enters_the_bound():
         cpl_network("XS", std=std)
 
 
-@pytest.mark.parametrize("setting, device, expected", [("auto", "cpu", True), ("auto", "cuda", True),
-                                                       ("auto", "mps", False), ("on", "mps", True),
-                                                       ("off", "cpu", False), (True, "cpu", True),
-                                                       ("false", "cuda", False), (None, "cpu", True)])
+@pytest.mark.parametrize(
+    "setting, device, expected",
+    [
+        ("auto", "cpu", True),
+        ("auto", "cuda", True),
+        ("auto", "mps", False),
+        ("on", "mps", True),
+        ("off", "cpu", False),
+        (True, "cpu", True),
+        ("false", "cuda", False),
+        (None, "cpu", True),
+    ],
+)
 def test_use_channels_last(setting, device, expected):
     assert use_channels_last(setting, device) is expected
 

@@ -1,4 +1,5 @@
 """cpl_mini.normalization: the input normalisation layer, its buffers and its exact, rounded-up bound."""
+
 import math
 from fractions import Fraction
 
@@ -36,8 +37,9 @@ def test_bound_is_the_operator_norm_of_the_map():
     """The Jacobian (a diagonal matrix) computed in float64 on a small picture: its largest singular value."""
     std = torch.tensor([0.3, 0.2, 0.7], dtype=torch.float64)
     layer = InputNormalization(torch.tensor([0.5, 0.1, 0.2], dtype=torch.float64), std)
-    jac = torch.autograd.functional.jacobian(lambda v: layer(v.view(1, 3, 2, 2)).flatten(),
-                                             torch.rand(12, dtype=torch.float64))
+    jac = torch.autograd.functional.jacobian(
+        lambda v: layer(v.view(1, 3, 2, 2)).flatten(), torch.rand(12, dtype=torch.float64)
+    )
     exact = torch.linalg.matrix_norm(jac, ord=2).item()
     assert layer.lipschitz_bound() >= exact and layer.lipschitz_bound() == pytest.approx(exact, rel=1e-15)
     assert lipschitz_upper_bound(torch.nn.Sequential(layer).eval()) == layer.lipschitz_bound()
@@ -58,11 +60,14 @@ def test_bound_is_rounded_up_never_down_and_is_the_tightest_such_float():
     assert rounded_down > 0  # plain division rounds some of these down: the test can tell
 
 
-@pytest.mark.parametrize("mean, std, match", [
-    (torch.zeros(3), torch.tensor([0.2, 0.0, 0.3]), "positive"),
-    (torch.zeros(3), torch.tensor([0.2, 0.3]), "channels"),
-    (torch.tensor([0.0, float("nan"), 0.0]), None, "finite"),
-])
+@pytest.mark.parametrize(
+    "mean, std, match",
+    [
+        (torch.zeros(3), torch.tensor([0.2, 0.0, 0.3]), "positive"),
+        (torch.zeros(3), torch.tensor([0.2, 0.3]), "channels"),
+        (torch.tensor([0.0, float("nan"), 0.0]), None, "finite"),
+    ],
+)
 def test_bad_statistics_are_refused(mean, std, match):
     with pytest.raises(ValueError, match=match):
         InputNormalization(mean, std)

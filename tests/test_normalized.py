@@ -1,5 +1,6 @@
 """cpl_mini.normalized: spectral normalisation (sound in eval mode) and AOL rescaling are 1-Lipschitz;
 checked in float64 with exact Jacobians, explicit matrices and SVDs."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -128,8 +129,9 @@ def test_check_fails_when_the_rescaling_ignores_the_off_diagonal_terms():
 
 
 def test_network_bound_and_bad_inputs():
-    net = nn.Sequential(AOLLinear(2, 8), MaxMin(), SpectralNormLinear(8, 8), MaxMin(), AOLLinear(8, 8),
-                        FirstCoordinates(2)).eval()
+    net = nn.Sequential(
+        AOLLinear(2, 8), MaxMin(), SpectralNormLinear(8, 8), MaxMin(), AOLLinear(8, 8), FirstCoordinates(2)
+    ).eval()
     assert lipschitz_upper_bound(net.eval()) <= 1 + 1e-5
     assert net(torch.randn(5, 2)).shape == (5, 2)
     with pytest.raises(ValueError, match=r"\(\.\.\., 8\)"):

@@ -1,5 +1,6 @@
 """cpl_mini.orthogonal: Cayley and exponential layers are isometries; checked in float64 against explicit
 matrices, the ODE solver (torchdiffeq) and exact Jacobians."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -132,8 +133,9 @@ def test_maxmin_is_a_permutation_on_each_region():
 
 
 def test_network_bound_and_bad_inputs():
-    net = nn.Sequential(CayleyLinear(2, 8), MaxMin(), MatrixExpLinear(8), MaxMin(), CayleyLinear(8, 3),
-                        FirstCoordinates(2))
+    net = nn.Sequential(
+        CayleyLinear(2, 8), MaxMin(), MatrixExpLinear(8), MaxMin(), CayleyLinear(8, 3), FirstCoordinates(2)
+    )
     assert lipschitz_upper_bound(net.eval()) == pytest.approx(1.0, abs=1e-5)
     assert net(torch.randn(5, 2)).shape == (5, 2)
     with pytest.raises(ValueError, match=r"\(\.\.\., 8\)"):

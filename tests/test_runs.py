@@ -1,5 +1,6 @@
 """cpl_mini.runs: the configuration and its identity, safe checkpoints, trained models that carry their
 input normalisation."""
+
 import dataclasses
 import os
 import pathlib
@@ -84,7 +85,7 @@ def test_one_flipped_byte_inside_a_tensor_is_detected(tmp_path):
     with zipfile.ZipFile(path) as archive:
         info = max(archive.infolist(), key=lambda i: i.file_size)  # the largest tensor's bytes
     raw = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
     start = info.header_offset + 30 + name_len + extra_len
     assert info.compress_type == zipfile.ZIP_STORED
     raw[start + info.file_size // 2] ^= 0x01
@@ -135,14 +136,41 @@ def test_the_file_and_its_folder_are_synced_around_the_rename(tmp_path, monkeypa
 
 
 def test_identity_fields_are_exactly_those_that_change_the_run():
-    assert set(identity_fields()) == {"dataset", "size", "epochs", "batch_size", "lr", "margin", "seed",
-                                      "amp", "augment", "std_normalize", "limit_train", "limit_test", "head"}
+    assert set(identity_fields()) == {
+        "dataset",
+        "size",
+        "epochs",
+        "batch_size",
+        "lr",
+        "margin",
+        "seed",
+        "amp",
+        "augment",
+        "std_normalize",
+        "limit_train",
+        "limit_test",
+        "head",
+    }
 
 
-@pytest.mark.parametrize("name, value", [
-    ("std_normalize", True), ("augment", False), ("limit_train", 512), ("limit_test", 100), ("amp", "off"),
-    ("head", "lln"), ("seed", 5), ("lr", 2e-3), ("margin", 0.5), ("dataset", "cifar100"), ("size", "S"),
-    ("batch_size", 128), ("epochs", 3)])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("std_normalize", True),
+        ("augment", False),
+        ("limit_train", 512),
+        ("limit_test", 100),
+        ("amp", "off"),
+        ("head", "lln"),
+        ("seed", 5),
+        ("lr", 2e-3),
+        ("margin", 0.5),
+        ("dataset", "cifar100"),
+        ("size", "S"),
+        ("batch_size", 128),
+        ("epochs", 3),
+    ],
+)
 def test_continuing_with_another_identity_value_names_the_field(name, value):
     saved = dataclasses.asdict(TrainConfig(size="XS", epochs=2))
     changed = dataclasses.replace(TrainConfig(size="XS", epochs=2), **{name: value})
@@ -152,14 +180,34 @@ def test_continuing_with_another_identity_value_names_the_field(name, value):
 
 def test_where_and_how_fast_may_change_when_a_run_is_continued():
     saved = dataclasses.asdict(TrainConfig(size="XS", epochs=2))
-    changed = dataclasses.replace(TrainConfig(size="XS", epochs=2), device="cpu", compile="off", threads=1,
-                                  eval_every=2, channels_last="off", out="elsewhere", data_root="data")
+    changed = dataclasses.replace(
+        TrainConfig(size="XS", epochs=2),
+        device="cpu",
+        compile="off",
+        threads=1,
+        eval_every=2,
+        channels_last="off",
+        out="elsewhere",
+        data_root="data",
+    )
     check_same_run(saved, changed, "run/checkpoint.pt")
 
 
-@pytest.mark.parametrize("bad", [
-    dict(epochs=0), dict(epochs=-3), dict(batch_size=0), dict(lr=0.0), dict(limit_train=0), dict(size="XXL"),
-    dict(amp="fp8"), dict(compile="maybe"), dict(augment="yes"), dict(eval_every=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(epochs=0),
+        dict(epochs=-3),
+        dict(batch_size=0),
+        dict(lr=0.0),
+        dict(limit_train=0),
+        dict(size="XXL"),
+        dict(amp="fp8"),
+        dict(compile="maybe"),
+        dict(augment="yes"),
+        dict(eval_every=0),
+    ],
+)
 def test_config_refuses_values_that_cannot_make_a_run(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
@@ -198,8 +246,14 @@ def test_load_run_model_gives_the_same_logits_whatever_cifar_copy_is_present(std
     assert isinstance(model[0], InputNormalization)
     assert torch.equal(model[0].mean.flatten(), mean) and torch.equal(model[0].std.flatten(), std)
     # another copy of CIFAR, with different training pictures (so different statistics)
-    other = CifarData(255 - data.train_images, data.train_labels, data.test_images, data.test_labels,
-                      data.classes, data.name)
+    other = CifarData(
+        255 - data.train_images,
+        data.train_labels,
+        data.test_images,
+        data.test_labels,
+        data.classes,
+        data.name,
+    )
     model2, loader2, _ = load_run_model(out, data=other, device="cpu")
     x = data.test_images[:16].float() / 255
     with torch.no_grad():

@@ -26,7 +26,9 @@ def tree(tmp_path):
 
 
 def _run(*args, root):
-    return subprocess.run([sys.executable, str(SCRIPT), *args, "--root", str(root)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--root", str(root)], capture_output=True, text=True
+    )
 
 
 def test_real_tree_is_consistent():
@@ -40,7 +42,9 @@ def test_rewrites_every_place(tree):
     assert result.returncode == 0, result.stderr
     assert set_repository.current_slug(tree) == "my-org/lipschitz-book"
     assert set_repository.mismatches("my-org/lipschitz-book", tree) == []
-    copied = [p for p in tree.rglob("*") if p.is_file() and p.suffix in (".md", ".yml", ".py", ".toml", ".ipynb")]
+    copied = [
+        p for p in tree.rglob("*") if p.is_file() and p.suffix in (".md", ".yml", ".py", ".toml", ".ipynb")
+    ]
     assert len([p for p in copied if p.suffix == ".ipynb"]) >= 10
     for path in copied:
         assert f"github.com/{old}" not in path.read_text(encoding="utf-8"), path
@@ -49,7 +53,9 @@ def test_rewrites_every_place(tree):
     for nb_path in sorted((tree / "book").glob("*.ipynb")):
         nb = json.loads(nb_path.read_text(encoding="utf-8"))  # still valid JSON
         setup = next(c for c in nb["cells"] if c["cell_type"] == "code")
-        assert 'cpl_mini @ git+https://github.com/my-org/lipschitz-book"' in "".join(setup["source"]), nb_path.name
+        assert 'cpl_mini @ git+https://github.com/my-org/lipschitz-book"' in "".join(setup["source"]), (
+            nb_path.name
+        )
 
 
 def test_check_fails_with_the_fix_and_passes_after(tree):

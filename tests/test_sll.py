@@ -1,5 +1,6 @@
 """cpl_mini.sll: the SDP-based Lipschitz Layer is 1-Lipschitz for every W and q, generalises the CPL
 (T = ||W||^2 I) and shares T with AOL (q = 1); checked in float64 with exact Jacobians."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -65,7 +66,7 @@ def test_cpl_is_the_special_case_t_equal_norm_squared():
     cpl = ConvexPotentialLinear(5, 7).to(DT).eval()
     x = torch.randn(4, 5, dtype=DT)
     sigma = torch.linalg.svdvals(cpl.weight.detach())[0]
-    t = sigma ** 2 * torch.ones(7, dtype=DT)
+    t = sigma**2 * torch.ones(7, dtype=DT)
     assert torch.allclose(sll_residual(x, cpl.weight, cpl.bias, t), cpl(x), atol=1e-8)
 
 

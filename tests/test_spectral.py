@@ -1,5 +1,6 @@
 """cpl_mini.spectral against independent references: explicit operator matrices and SVD, float64; and the
 evaluation-norm cache of OperatorNormModule against every way of changing a weight."""
+
 import copy
 import math
 from fractions import Fraction
@@ -193,8 +194,15 @@ def _update(how, layer, shape):
         raise ValueError(how)
 
 
-UPDATES = ["fused_adam", "foreach_adam", "bf16_autocast_fused_adam", "data_edit", "data_assign",
-           "load_state_dict", "inplace"]
+UPDATES = [
+    "fused_adam",
+    "foreach_adam",
+    "bf16_autocast_fused_adam",
+    "data_edit",
+    "data_assign",
+    "load_state_dict",
+    "inplace",
+]
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv", "spectral_norm"])
@@ -252,8 +260,9 @@ def test_eval_norm_runs_in_ieee_float32(monkeypatch):
     layer = SpectralNormLinear(5, 4).eval()
     seen = []
     original = layer.norm_upper_bound
-    monkeypatch.setattr(layer, "norm_upper_bound", lambda: seen.append(torch.backends.cuda.matmul.allow_tf32)
-                        or original())
+    monkeypatch.setattr(
+        layer, "norm_upper_bound", lambda: seen.append(torch.backends.cuda.matmul.allow_tf32) or original()
+    )
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:

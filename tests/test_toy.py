@@ -1,4 +1,5 @@
 """Tests of cpl_mini.toy: the toy 2-D sets lie on their curves, are balanced and seeded."""
+
 import numpy as np
 import pytest
 import torch

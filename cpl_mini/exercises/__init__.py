@@ -9,6 +9,7 @@ A teacher grades with the same checks: :func:`grade` returns a :class:`Feedback`
 Each chapter's checks live in ``cpl_mini.exercises.chNN`` (``ch05`` for chapter 5) and are registered
 with :func:`register`; :func:`available` lists them.
 """
+
 from .checking import Feedback, available, check, grade, register
 
 __all__ = ["Feedback", "available", "check", "grade", "register"]

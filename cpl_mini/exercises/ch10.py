@@ -138,7 +138,8 @@ def check_10_4(answer: Any) -> tuple[bool, str]:
         return False, "dividing the input by std < 1 stretches distances, so it shrinks the radius"
     return (
         False,
-        "the radius is margin / (sqrt(2) L), with L the Lipschitz constant of the whole map, normalisation included",
+        "the radius is margin / (sqrt(2) L), with L the Lipschitz constant of the whole map, "
+        "normalisation included",
     )
 
 

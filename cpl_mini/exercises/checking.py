@@ -1,4 +1,5 @@
 """The machinery of the exercise self-checks: a registry of checker functions and their verdicts."""
+
 from __future__ import annotations
 
 import importlib
@@ -91,7 +92,7 @@ def check(exercise: str, answer: Any, **kwargs: Any) -> None:
 
 def available(chapter: Optional[int] = None) -> List[str]:
     """The exercises that have a self-check (of one chapter, or of every chapter 1-10)."""
-    for c in ([chapter] if chapter is not None else range(1, 11)):
+    for c in [chapter] if chapter is not None else range(1, 11):
         _load_chapter(int(c))
     names = [e for e in _REGISTRY if chapter is None or _parse(e)[0] == int(chapter)]
     return sorted(names, key=_parse)
