@@ -199,7 +199,7 @@ def certified_accuracy(
     Args:
         model: a network in the package's pieces (``lipschitz_upper_bound`` must know it), with float32
             or float64 parameters (lower precisions are refused: certify a float32 copy).
-        data: an iterable of ``(x, y)`` batches (e.g. :class:`cpl_mini.data.DeviceLoader`) or a
+        data: an iterable of ``(x, y)`` batches (e.g. :class:`cpl_mini.loader.DeviceLoader`) or a
             pair of tensors ``(inputs, labels)``; inputs already normalised as the model expects.
         eps: one l2 radius or several, in the input's pixel scale ([0, 1] images).
         input_lipschitz: Lipschitz constant of the normalisation from pixels to the model's input;

@@ -61,8 +61,8 @@ def _train(model, x, y, steps, lr, loss_fn, batch=64, seed=0):
 
 
 def _cifar_8x8(root):
-    """Real CIFAR-10 pictures read by cpl_mini.data, mean-subtracted, then averaged to 8x8 (cheap)."""
-    from cpl_mini.data import ArchiveChecksumWarning, DeviceLoader, load_cifar
+    """Real CIFAR-10 pictures read by cpl_mini.cifar, mean-subtracted, then averaged to 8x8 (cheap)."""
+    from cpl_mini import ArchiveChecksumWarning, DeviceLoader, load_cifar
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ArchiveChecksumWarning)  # the offline copy is a known JPEG decode
