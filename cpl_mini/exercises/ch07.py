@@ -16,7 +16,7 @@ from ..flows import FunctionField, one_sided_lipschitz
 from ..normalized import aol_scaling
 from ..orthogonal import cayley
 from ..sll import sll_t
-from .checking import register
+from .checking import as_number, is_close, register
 
 __all__ = [
     "check_7_1",
@@ -29,29 +29,6 @@ __all__ = [
 ]
 
 DT = torch.float64
-
-
-def _number(answer: Any, what: str) -> tuple[float | None, str]:
-    """``(float(answer), "")``, or ``(None, hint)`` when the answer is not a number yet."""
-    if answer is None:
-        return None, f"replace None by your answer ({what})"
-    if isinstance(answer, bool) or not isinstance(answer, (int, float, torch.Tensor)):
-        return None, f"the answer should be a number ({what}), got {type(answer).__name__}"
-    if isinstance(answer, torch.Tensor):
-        if answer.numel() != 1:
-            return (
-                None,
-                f"the answer should be one number ({what}), got a tensor of shape {tuple(answer.shape)}",
-            )
-        answer = answer.item()
-    value = float(answer)
-    if not math.isfinite(value):
-        return None, f"the answer should be a finite number ({what})"
-    return value, ""
-
-
-def _close(value: float, reference: float, rel: float = 1e-3) -> bool:
-    return abs(value - reference) <= rel * max(abs(reference), 1e-12)
 
 
 def _function(answer: Any, what: str) -> str | None:
@@ -73,18 +50,18 @@ def euler_power_matrix(k: int = 10) -> torch.Tensor:
 @register("7.1")
 def check_7_1(answer: Any) -> tuple[bool, str]:
     """``||(I + B/k)^k||_2`` for ``B = [[0, -3], [3, 0]]`` and ``k = 10``."""
-    value, hint = _number(answer, "the norm of k = 10 Euler steps")
+    value, hint = as_number(answer, "the norm of k = 10 Euler steps")
     if value is None:
         return False, hint
     reference = torch.linalg.matrix_norm(euler_power_matrix(10), 2).item()
-    if _close(value, reference):
+    if is_close(value, reference):
         return True, ""
-    if _close(value, 1.0):
+    if is_close(value, 1.0):
         return False, (
             "an explicit Euler step of a skew field is not orthogonal: compute the norm of "
             "one step I + B/k first"
         )
-    if _close(value, reference**2):
+    if is_close(value, reference**2):
         return False, "that is the square of the norm: the singular values of I + hB are square roots"
     if value < 1.0:
         return False, "every Euler step of a skew field expands, so the norm is above 1"
@@ -145,19 +122,19 @@ def _columns_at_120_degrees() -> torch.Tensor:
 @register("7.3")
 def check_7_3(answer: Any) -> tuple[bool, str]:
     """``||W diag(d)||_2`` for three unit columns in the plane at 120 degrees from each other."""
-    value, hint = _number(answer, "the spectral norm of the AOL-rescaled matrix")
+    value, hint = as_number(answer, "the spectral norm of the AOL-rescaled matrix")
     if value is None:
         return False, hint
     W = _columns_at_120_degrees()
     reference = torch.linalg.matrix_norm(W * aol_scaling(W), 2).item()
-    if _close(value, reference):
+    if is_close(value, reference):
         return True, ""
-    if _close(value, 1.0):
+    if is_close(value, 1.0):
         return False, (
             "the AOL bound is attained only in special cases; compute G = W^T W, then d, "
             "then the largest eigenvalue of diag(d) G diag(d)"
         )
-    if _close(value, reference**2):
+    if is_close(value, reference**2):
         return False, "that is the square of the norm (an eigenvalue of diag(d) G diag(d))"
     if value > 1.0:
         return False, "AOL's rescaled matrix never has a norm above 1"
@@ -198,7 +175,7 @@ def check_7_4(answer: Any) -> tuple[bool, str]:
         t = sll_t(W, q)
         rho = torch.linalg.eigvalsh((W @ W.T).abs())[-1].item()
         # all t_i equal forces t_i = rho(|W W^T|) (Collatz-Wielandt): check both ends against rho
-        if not (_close(t.max().item(), rho, 1e-6) and _close(t.min().item(), rho, 1e-6)):
+        if not (is_close(t.max().item(), rho, 1e-6) and is_close(t.min().item(), rho, 1e-6)):
             return False, "with your q the t_i are not all equal: look for q with |W W^T| q = c q"
     return True, ""
 
@@ -226,7 +203,7 @@ def _largest_symmetric_eigenvalue(field: Callable, n: int = 721) -> float:
 @register("7.6")
 def check_7_6(answer: Any) -> tuple[bool, str]:
     """The one-sided Lipschitz constant ``mu`` of ``F(x) = (-x_1 - sin(x_2)/2, -x_2)``."""
-    value, hint = _number(answer, "the one-sided Lipschitz constant mu")
+    value, hint = as_number(answer, "the one-sided Lipschitz constant mu")
     if value is None:
         return False, hint
     field = counterexample_field()
@@ -238,11 +215,11 @@ def check_7_6(answer: Any) -> tuple[bool, str]:
     with torch.no_grad():
         sampled = one_sided_lipschitz(field, x, y).max().item()
     assert sampled <= reference + 1e-6, "the reference of Exercise 7.6 is below a sampled quotient"
-    if _close(value, reference):
+    if is_close(value, reference):
         return True, ""
     if value > 0:
         return False, "F is dissipative, so mu is not positive"
-    if _close(value, -1.0):
+    if is_close(value, -1.0):
         return False, "the diagonal of the Jacobian is not the whole story: the off-diagonal term counts"
     if value < -1.0:
         return (

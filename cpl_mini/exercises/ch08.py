@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checking import register
+from .checking import as_number, is_close, register
 
 __all__ = [
     "check_8_1",
@@ -30,43 +30,23 @@ MARGIN = 0.7
 BATCH = 256
 
 
-def _number(answer: Any, what: str) -> tuple[float | None, str]:
-    """``(float(answer), "")``, or ``(None, hint)`` when the answer is not one finite number yet."""
-    if answer is None:
-        return None, f"replace None by your answer ({what})"
-    if isinstance(answer, bool) or not isinstance(answer, (int, float, torch.Tensor)):
-        return None, f"the answer should be a number ({what}), got {type(answer).__name__}"
-    if isinstance(answer, torch.Tensor):
-        if answer.numel() != 1:
-            return None, f"the answer should be one number ({what}), got shape {tuple(answer.shape)}"
-        answer = answer.item()
-    value = float(answer)
-    if not math.isfinite(value):
-        return None, f"the answer should be a finite number ({what})"
-    return value, ""
-
-
-def _close(value: float, reference: float, rel: float = 1e-3) -> bool:
-    return abs(value - reference) <= rel * max(abs(reference), 1e-12)
-
-
 # ----------------------------------------------------------------------------- Exercise 8.1
 @register("8.1")
 def check_8_1(answer: Any) -> tuple[bool, str]:
     """The certified radius that zero hinge loss (margin ``m = 0.7``) guarantees a 1-Lipschitz net."""
     from ..certify import certified_radius
 
-    value, hint = _number(answer, "a radius in pixel units")
+    value, hint = as_number(answer, "a radius in pixel units")
     if value is None:
         return False, hint
     # zero loss: every competing logit is at least m below the true one; the worst case is a gap of m
     logits = torch.tensor([[MARGIN, 0.0, 0.0]], dtype=torch.float64)
     reference = float(certified_radius(logits, torch.tensor([0]), 1.0))
-    if _close(value, reference):
+    if is_close(value, reference):
         return True, ""
-    if _close(value, MARGIN):
+    if is_close(value, MARGIN):
         return False, "that is the margin itself: a margin is not yet a radius (the certificate of chapter 1)"
-    if _close(value, MARGIN * math.sqrt(2)) or _close(value, MARGIN / 2):
+    if is_close(value, MARGIN * math.sqrt(2)) or is_close(value, MARGIN / 2):
         return False, "check the constant: which Lipschitz constant does the difference of two logits have?"
     return False, "zero loss bounds every logit gap from below; turn that margin into a radius"
 
@@ -80,18 +60,18 @@ def check_8_2(answer: Any, images: torch.Tensor | None = None) -> tuple[bool, st
 
     if images is None:
         raise ValueError("pass the pictures the statistics come from: check('8.2', answer, images=...)")
-    value, hint = _number(answer, "a Lipschitz constant")
+    value, hint = as_number(answer, "a Lipschitz constant")
     if value is None:
         return False, hint
     mean, std = channel_stats(images)
     reference = InputNormalization(mean, std).lipschitz_bound()
-    if _close(value, reference):
+    if is_close(value, reference):
         return True, ""
-    if any(_close(value, v) for v in (1 / float(std.max()), 1 / float(std.mean()))):
+    if any(is_close(value, v) for v in (1 / float(std.max()), 1 / float(std.mean()))):
         return False, "a diagonal map stretches most along its largest entry: which channel is that?"
-    if any(_close(value, v) for v in (float(std.min()), float(std.max()))):
+    if any(is_close(value, v) for v in (float(std.min()), float(std.max()))):
         return False, "dividing by a number below 1 stretches: the constant is above 1"
-    if _close(value, 1.0):
+    if is_close(value, 1.0):
         return False, "subtracting the mean is an isometry, but dividing by the std is not"
     return False, "compute the per-channel std on the [0, 1] scale (channel_stats), then the map's constant"
 
@@ -102,14 +82,14 @@ def check_8_3(answer: Any, peak: float = 1e-3) -> tuple[bool, str]:
     """The learning rate of the piecewise-linear schedule at 60 % of training (peak ``peak``)."""
     from ..train import lr_at
 
-    value, hint = _number(answer, "a learning rate")
+    value, hint = as_number(answer, "a learning rate")
     if value is None:
         return False, hint
     total = 10_000
     reference = lr_at(0.6 * total - 0.5, total, peak)  # lr_at evaluates the middle of a step
-    if _close(value, reference, rel=1e-2):
+    if is_close(value, reference, rel=1e-2):
         return True, ""
-    if any(_close(value, v, rel=1e-2) for v in (peak, peak / 20, 0.0)):
+    if any(is_close(value, v, rel=1e-2) for v in (peak, peak / 20, 0.0)):
         return False, "at 60 % the schedule is between two of its corners: interpolate"
     return False, "the corners are at 0, 2/5, 4/5 and 1 of training, with values 0, lr, lr/20 and 0"
 
@@ -139,21 +119,21 @@ def check_8_4(answer: Any) -> tuple[bool, str]:
         return False, "the answer is a pair (conv multiply-adds, dense multiply-adds)"
     values = []
     for item, what in zip(answer, ("conv", "dense")):
-        value, hint = _number(item, f"the {what} multiply-adds")
+        value, hint = as_number(item, f"the {what} multiply-adds")
         if value is None:
             return False, hint
         values.append(value)
     conv, dense = cost_model_8_4()
-    ok_conv, ok_dense = _close(values[0], conv, 1e-2), _close(values[1], dense, 1e-2)
+    ok_conv, ok_dense = is_close(values[0], conv, 1e-2), is_close(values[1], dense, 1e-2)
     if ok_conv and ok_dense:
         return True, ""
-    if _close(values[0], dense, 1e-2) and _close(values[1], conv, 1e-2):
+    if is_close(values[0], dense, 1e-2) and is_close(values[1], conv, 1e-2):
         return False, "the two numbers are swapped: conv layer first"
     wrong = "conv" if not ok_conv else "dense"
     ref, got = (conv, values[0]) if not ok_conv else (dense, values[1])
-    if _close(got, ref / 2, 1e-2):
+    if is_close(got, ref / 2, 1e-2):
         return False, f"the {wrong} count is half of it: a CPL layer applies its operator and its adjoint"
-    if _close(got, ref / BATCH, 1e-2):
+    if is_close(got, ref / BATCH, 1e-2):
         return False, f"the {wrong} count is for one picture: the batch has {BATCH}"
     return False, f"the {wrong} count is off: count the multiply-adds of each output value, then the outputs"
 

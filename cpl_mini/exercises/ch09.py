@@ -7,12 +7,11 @@ vector whose power iterations it counts (9.3). Hints say where to look, never wh
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from .checking import register
+from .checking import as_number, register
 
 __all__ = [
     "check_9_1",
@@ -31,25 +30,6 @@ TOL_9_3 = 1.01
 MAX_ITER_9_3 = 5000
 #: The radius of Exercise 9.4.
 EPS_9_4 = 36 / 255
-
-
-def _number(answer: Any, what: str) -> tuple[float | None, str]:
-    """``(float(answer), "")``, or ``(None, hint)`` when the answer is not one finite number yet."""
-    if answer is None:
-        return None, f"replace None by your answer ({what})"
-    if isinstance(answer, bool) or not isinstance(answer, (int, float, torch.Tensor)):
-        try:  # numpy scalars
-            answer = float(answer)
-        except (TypeError, ValueError):
-            return None, f"the answer should be a number ({what}), got {type(answer).__name__}"
-    if isinstance(answer, torch.Tensor):
-        if answer.numel() != 1:
-            return None, f"the answer should be one number ({what}), got shape {tuple(answer.shape)}"
-        answer = answer.item()
-    value = float(answer)
-    if not math.isfinite(value):
-        return None, f"the answer should be a finite number ({what})"
-    return value, ""
 
 
 def _radii(radii: Any) -> torch.Tensor:
@@ -77,7 +57,7 @@ def half_accuracy_radius(radii: Any) -> float:
 def check_9_1(answer: Any, radii: Any = None) -> tuple[bool, str]:
     """The radius at which the certified accuracy falls to half the clean accuracy."""
     r = _radii(radii)
-    value, hint = _number(answer, "a radius in pixel units, e.g. 0.2, not 0.2 * 255")
+    value, hint = as_number(answer, "a radius in pixel units, e.g. 0.2, not 0.2 * 255")
     if value is None:
         return False, hint
     reference = half_accuracy_radius(r)
@@ -125,7 +105,7 @@ def check_9_3(answer: Any, layer: Any = None, start: torch.Tensor | None = None)
     """The number of power iterations from ``start`` that make ``layer`` provably 1.01-Lipschitz."""
     if layer is None or start is None:
         raise ValueError("pass the layer and the start vector: check('9.3', answer, layer=..., start=...)")
-    value, hint = _number(answer, "a number of iterations")
+    value, hint = as_number(answer, "a number of iterations")
     if value is None:
         return False, hint
     reference = iterations_needed(layer, start)
@@ -156,7 +136,7 @@ def check_9_4(
     r = _radii(radii)
     if lipschitz is None or new_bound is None or not (lipschitz > 0 and new_bound > 0):
         raise ValueError("pass lipschitz=res['lipschitz'] and new_bound=<the looser bound>, both positive")
-    value, hint = _number(answer, "a fraction between 0 and 1")
+    value, hint = as_number(answer, "a fraction between 0 and 1")
     if value is None:
         return False, hint
     reference = float((r * (lipschitz / new_bound) > EPS_9_4).double().mean())

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
-__all__ = ["Feedback", "register", "grade", "check", "available"]
+__all__ = ["Feedback", "register", "grade", "check", "available", "as_number", "is_close"]
 
 #: A checker returns ``True`` (right), ``False`` (wrong, no hint) or ``(ok, hint)``.
 CheckerResult = Union[bool, Tuple[bool, str]]
@@ -96,3 +97,28 @@ def available(chapter: Optional[int] = None) -> List[str]:
         _load_chapter(int(c))
     names = [e for e in _REGISTRY if chapter is None or _parse(e)[0] == int(chapter)]
     return sorted(names, key=_parse)
+
+
+def as_number(answer: Any, what: str) -> Tuple[Optional[float], str]:
+    """``(float(answer), "")`` for one finite number (Python, NumPy or a one-element tensor), else
+    ``(None, hint)``: the checkers' common first step, so an unanswered exercise says what to give."""
+    if answer is None:
+        return None, f"replace None by your answer ({what})"
+    if isinstance(answer, (bool, str, bytes)):
+        return None, f"the answer should be a number ({what}), got {type(answer).__name__}"
+    if hasattr(answer, "numel") and hasattr(answer, "item"):  # a torch tensor
+        if answer.numel() != 1:
+            return None, f"the answer should be one number ({what}), got shape {tuple(answer.shape)}"
+        answer = answer.item()
+    try:
+        value = float(answer)
+    except (TypeError, ValueError):
+        return None, f"the answer should be a number ({what}), got {type(answer).__name__}"
+    if not math.isfinite(value):
+        return None, f"the answer should be a finite number ({what})"
+    return value, ""
+
+
+def is_close(value: float, reference: float, rel: float = 1e-3) -> bool:
+    """``|value - reference| <= rel * |reference|`` (with a floor of 1e-12 for a zero reference)."""
+    return abs(value - reference) <= rel * max(abs(reference), 1e-12)
