@@ -107,7 +107,8 @@ def compile_decision(
     if device_type not in ("cpu", "cuda"):
         return {**out, "reason": f"torch.compile is not used on {device_type}"}
     if eager_step_s is None or remaining_steps < COMPILE_MIN_STEPS:
-        return {**out, "reason": f"{remaining_steps} steps: too short to repay a compilation"}
+        reason = f"{remaining_steps} steps: too short to repay a compilation (compile cost ~{cost:.0f} s)"
+        return {**out, "reason": reason}
     saving = COMPILE_SAVING * remaining_steps * eager_step_s
     out.update(compile=saving >= COMPILE_MARGIN * cost, expected_saving_s=round(saving, 1))
     verdict = "compile" if out["compile"] else "stay eager"
