@@ -263,6 +263,30 @@ def run_network(
     return cpl_network(config.size, num_classes=config.num_classes, head=config.head, mean=mean, std=std)
 
 
+def run_loaders(
+    data, config: TrainConfig, device: torch.device, channels_last: bool, rank: int = 0, world_size: int = 1
+):
+    """The train and test loaders of a run (:func:`cpl_mini.loader.cifar_loaders`): raw ``[0, 1]``
+    pixels (the network normalises them), the run's seed, limits and augmentation; under DDP process
+    ``rank`` of ``world_size`` gets its shard of each global batch and of the test set."""
+    from .loader import cifar_loaders
+
+    return cifar_loaders(
+        data,
+        batch_size=config.batch_size,
+        device=device,
+        seed=config.seed,
+        normalize=False,
+        limit_train=config.limit_train,
+        limit_test=config.limit_test,
+        augment=config.augment,
+        channels_last=channels_last,
+        rank=rank,
+        world_size=world_size,
+        shard_test=True,
+    )
+
+
 # -- files --------------------------------------------------------------------------------------------
 def _fsync_dir(folder: pathlib.Path) -> None:
     try:
@@ -414,7 +438,6 @@ def load_run_model(
     images when given, else the run's own limit). ``data``: an already loaded ``CifarData``.
     """
     from .cifar import load_cifar
-    from .loader import cifar_loaders
 
     run_dir = pathlib.Path(run_dir)
     path = run_dir / "checkpoint.pt"
@@ -438,14 +461,5 @@ def load_run_model(
             f"the run was trained on {config.dataset} ({config.num_classes} classes), "
             f"the data given has {data.num_classes} classes"
         )
-    _, test_loader = cifar_loaders(
-        data,
-        batch_size=config.batch_size,
-        device=dev,
-        seed=config.seed,
-        normalize=False,
-        limit_train=config.limit_train,
-        limit_test=config.limit_test,
-        channels_last=channels_last,
-    )
+    _, test_loader = run_loaders(data, config, dev, channels_last)
     return model, test_loader, config

@@ -56,6 +56,7 @@ from .runs import (  # noqa: F401  (book_config, load_run_model: re-exported, th
     load_run_model,
     read_results,
     resolve_device,
+    run_loaders,
     run_network,
     save_checkpoint,
     write_results,
@@ -222,7 +223,7 @@ def _build(config: TrainConfig, setup: _Setup, data, state: Optional[dict], out:
     """Data, network (normalisation statistics from the training pictures), optimiser, scaler, loaders,
     step; then the checkpoint's state when continuing."""
     from .cifar import load_cifar
-    from .loader import channel_stats, cifar_loaders
+    from .loader import channel_stats
 
     dev = setup.device
     if data is None:
@@ -236,20 +237,7 @@ def _build(config: TrainConfig, setup: _Setup, data, state: Optional[dict], out:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler(dev.type) if setup.amp_dtype == torch.float16 else None
-    train_loader, test_loader = cifar_loaders(
-        data,
-        batch_size=config.batch_size,
-        device=dev,
-        seed=config.seed,
-        normalize=False,
-        limit_train=config.limit_train,
-        limit_test=config.limit_test,
-        augment=config.augment,
-        channels_last=setup.channels_last,
-        rank=setup.rank,
-        world_size=setup.world,
-        shard_test=True,
-    )
+    train_loader, test_loader = run_loaders(data, config, dev, setup.channels_last, setup.rank, setup.world)
     net = model
     if setup.distributed:
         from torch.nn.parallel import DistributedDataParallel
