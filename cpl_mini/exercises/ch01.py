@@ -7,12 +7,11 @@ reference value.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Tuple
 
 import torch
 
-from .checking import register
+from .checking import register, to_float
 
 __all__ = ["LOGITS_1_2", "LABEL_1_2", "LIPSCHITZ_1_2", "POINT_1_3"]
 
@@ -29,13 +28,6 @@ def _as_float64(value: Any, name: str) -> torch.Tensor:
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{name} contains inf or nan")
     return tensor
-
-
-def _as_number(answer: Any) -> float:
-    value = float(torch.as_tensor(answer, dtype=torch.float64).reshape(()))
-    if not math.isfinite(value):
-        raise ValueError("the answer must be a finite number")
-    return value
 
 
 @register("1.1")
@@ -72,7 +64,7 @@ def check_1_2(answer: Any) -> Tuple[bool, str]:
 
     if answer is None:
         return False, "no answer yet: set answer to the certified radius (a number)"
-    value = _as_number(answer)
+    value = to_float(answer)
     logits = torch.tensor([LOGITS_1_2], dtype=torch.float64)
     label = torch.tensor([LABEL_1_2])
     reference = float(certified_radius(logits, label, lipschitz=LIPSCHITZ_1_2)[0])
@@ -91,7 +83,7 @@ def check_1_3(answer: Any) -> Tuple[bool, str]:
 
     if answer is None:
         return False, "no answer yet: set answer to the distance d(x) (a number)"
-    value = _as_number(answer)
+    value = to_float(answer)
     x = torch.tensor([POINT_1_3], dtype=torch.float64)
     # for f = identity the certified radius M / sqrt(2) is attained (the exercise's claim)
     reference = float(certified_radius(x, torch.tensor([0]), lipschitz=1.0)[0])

@@ -6,12 +6,11 @@ and compares the student's answer with it; its hint never contains the reference
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Tuple
 
 import torch
 
-from .checking import register
+from .checking import register, to_float
 
 __all__ = ["MATRIX_2_5", "POINT_2_5", "TIME_2_5", "TOLERANCE_2_5"]
 
@@ -22,13 +21,6 @@ TIME_2_5 = 2.0
 TOLERANCE_2_5 = 1e-2
 
 _DT = torch.float64
-
-
-def _as_number(answer: Any) -> float:
-    value = float(torch.as_tensor(answer, dtype=_DT).reshape(()))
-    if not math.isfinite(value):
-        raise ValueError("the answer must be a finite number")
-    return value
 
 
 def _test_fields():
@@ -93,7 +85,7 @@ def check_2_4(answer: Any) -> Tuple[bool, str]:
         return False, "no answer yet: set answer = (mu_rotation, mu_contraction, mu_saddle)"
     if not isinstance(answer, (tuple, list)) or len(answer) != 3:
         return False, "the answer is three numbers: (mu_rotation, mu_contraction, mu_saddle)"
-    values = [_as_number(a) for a in answer]
+    values = [to_float(a) for a in answer]
     matrices = [
         SkewSymmetricField(torch.tensor([[0.0, -2.0], [0.0, 0.0]], dtype=_DT)).S,
         LinearField(-torch.eye(2, dtype=_DT)).M,
@@ -146,7 +138,7 @@ def check_2_5(answer: Any) -> Tuple[bool, str]:
     """The smallest depth n whose Euler network has error <= TOLERANCE_2_5 at T (exercise 2.5)."""
     if answer is None:
         return False, "no answer yet: set answer to the depth n (an integer)"
-    value = _as_number(answer)
+    value = to_float(answer)
     if value != int(value) or value < 1:
         return False, "a depth is a positive integer"
     n = int(value)

@@ -12,7 +12,7 @@ from typing import Any, Tuple
 
 import torch
 
-from .checking import register
+from .checking import register, to_float
 
 __all__ = ["counterexample_field", "TARGET_3_4"]
 
@@ -20,13 +20,6 @@ __all__ = ["counterexample_field", "TARGET_3_4"]
 TARGET_3_4 = 1.01
 
 _DT = torch.float64
-
-
-def _as_number(answer: Any) -> float:
-    value = float(torch.as_tensor(answer, dtype=_DT).reshape(()))
-    if not math.isfinite(value):
-        raise ValueError("the answer must be a finite number")
-    return value
 
 
 def _mu_linear(m: torch.Tensor) -> float:
@@ -41,7 +34,7 @@ def check_3_1(answer: Any) -> Tuple[bool, str]:
 
     if answer is None:
         return False, "no answer yet: set answer to the threshold a* (a number)"
-    value = _as_number(answer)
+    value = to_float(answer)
 
     def dissipative(a: float) -> bool:
         return _mu_linear(LinearField(torch.tensor([[-1.0, a], [0.0, -1.0]], dtype=_DT)).M) <= 0.0
@@ -84,7 +77,7 @@ def check_3_4(answer: Any) -> Tuple[bool, str]:
     """The smallest number of Euler steps over one turn whose network is at most 1.01-Lipschitz."""
     if answer is None:
         return False, "no answer yet: set answer to the number of layers n (an integer)"
-    value = _as_number(answer)
+    value = to_float(answer)
     if value != int(value) or value < 1:
         return False, "a number of layers is a positive integer"
     reference = _smallest_depth_3_4()
@@ -162,7 +155,7 @@ def check_3_6(answer: Any) -> Tuple[bool, str]:
     """The one-sided Lipschitz constant ``mu(F)`` of ``F(x) = (-x1 - sin(x2) / 2, -x2)``."""
     if answer is None:
         return False, "no answer yet: set answer to mu(F) (a number)"
-    value = _as_number(answer)
+    value = to_float(answer)
     reference = _mu_counterexample()
     if abs(value - reference) <= 1e-4:
         return True, ""

@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
-__all__ = ["Feedback", "register", "grade", "check", "available", "as_number", "is_close"]
+__all__ = ["Feedback", "register", "grade", "check", "available", "as_number", "to_float", "is_close"]
 
 #: A checker returns ``True`` (right), ``False`` (wrong, no hint) or ``(ok, hint)``.
 CheckerResult = Union[bool, Tuple[bool, str]]
@@ -117,6 +117,17 @@ def as_number(answer: Any, what: str) -> Tuple[Optional[float], str]:
     if not math.isfinite(value):
         return None, f"the answer should be a finite number ({what})"
     return value, ""
+
+
+def to_float(answer: Any) -> float:
+    """``answer`` (a Python or NumPy number, or a one-element tensor) as a float; ``ValueError`` when it
+    is not one finite number (the checker then reports the error as the hint, see :func:`grade`)."""
+    import torch
+
+    value = float(torch.as_tensor(answer, dtype=torch.float64).reshape(()))
+    if not math.isfinite(value):
+        raise ValueError("the answer must be a finite number")
+    return value
 
 
 def is_close(value: float, reference: float, rel: float = 1e-3) -> bool:
