@@ -5,7 +5,9 @@ A Convex Potential Layer is one explicit Euler step of the gradient flow of the 
 
 .. math::  z = x - h\, W^\top \mathrm{ReLU}(W x + b), \qquad h = 2 / \|W\|_2^2 ,
 
-which is 1-Lipschitz for any ``W`` because ``grad f`` is ``||W||^2``-smooth and co-coercive.
+which is 1-Lipschitz for any ``W`` because ``grad f`` is ``||W||^2``-smooth and co-coercive. The step
+itself, for given ``W``, ``b`` and ``h``, is the function :func:`convex_potential_linear` (dense) or
+:func:`convex_potential_conv2d` (convolution); the layers compute ``h`` and call them.
 
 How ``||W||_2`` is obtained decides whether the layer is *provably* 1-Lipschitz (the machinery is
 :class:`~cpl_mini.spectral.OperatorNormModule`'s):
@@ -14,7 +16,7 @@ How ``||W||_2`` is obtained decides whether the layer is *provably* 1-Lipschitz 
   estimate is differentiable with respect to ``W`` (no gradient through the vector update);
 * evaluation mode: a cached norm, recomputed whenever the weight differs from the copy it was
   computed from, however the weight changed. With ``eval_norm="sound"`` (default) the norm is a
-  guaranteed upper bound (exact SVD for dense layers, :func:`~cpl_mini.spectral.conv_spectral_norm_upper`
+  guaranteed upper bound (exact SVD for dense layers, :func:`~cpl_mini.conv_spectral_norm_upper`
   for convolutions) and the step ``h = 2 / sigma^2`` is rounded *down* to the dtype it is applied
   in, so the eval-mode layer is 1-Lipschitz, not approximately so.
   ``eval_norm="power"`` reproduces the official evaluation: ``n_eval_iter`` (100) power iterations
@@ -24,7 +26,7 @@ How ``||W||_2`` is obtained decides whether the layer is *provably* 1-Lipschitz 
 
 import math
 from fractions import Fraction
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -44,6 +46,8 @@ from .precision import (
 from .spectral import OperatorNormModule, conv_spectral_norm_upper, dense_spectral_norm_upper
 
 __all__ = [
+    "convex_potential_linear",
+    "convex_potential_conv2d",
     "ConvexPotentialLinear",
     "ConvexPotentialConv2d",
     "ChannelPad",
@@ -56,6 +60,108 @@ __all__ = [
 #: The official code's ``epsilon`` in ``h = 2 / (sigma^2 + epsilon)`` (used with ``eval_norm="power"``).
 OFFICIAL_EPSILON = 1e-4
 
+Step = Union[float, torch.Tensor]
+
+
+def _check_step(step, name):
+    if torch.is_tensor(step) and step.dim() != 0:
+        raise ValueError(
+            f"{name}: step must be a float or a 0-dim tensor, got a tensor of shape {tuple(step.shape)}; "
+            "use torch.func.vmap to apply several steps"
+        )
+
+
+def convex_potential_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], step: Step
+) -> torch.Tensor:
+    r"""The dense CPL step ``z = x - h W^T ReLU(W x + b)``, for given ``W``, ``b`` and ``h``.
+
+    .. math::  z = x - h\, W^\top \mathrm{ReLU}(W x + b)
+
+    Args:
+        x: input ``(..., d)``.
+        weight: ``W``, shape ``(m, d)``.
+        bias: ``b``, shape ``(m,)``, or ``None``.
+        step: ``h``, a float or a 0-dim tensor (1-Lipschitz for ``0 <= h <= 2 / ||W||_2^2``).
+
+    Returns:
+        ``z``, shape ``(..., d)``. Differentiable in every argument; a pure function, usable in
+        ``torch.func`` transforms. :class:`ConvexPotentialLinear` is this function with
+        ``h = 2 / ||W||^2``.
+
+    Examples:
+        >>> import torch
+        >>> from cpl_mini import ConvexPotentialLinear, convex_potential_linear
+        >>> layer = ConvexPotentialLinear(3).eval()
+        >>> x = torch.randn(2, 3)
+        >>> torch.equal(layer(x), convex_potential_linear(x, layer.weight, layer.bias, layer.step_size()))
+        True
+    """
+    if weight.dim() != 2 or x.shape[-1:] != weight.shape[1:]:
+        raise ValueError(
+            f"convex_potential_linear: weight must be (m, d) and x (..., d), got weight "
+            f"{tuple(weight.shape)} and x {tuple(x.shape)}"
+        )
+    _check_step(step, "convex_potential_linear")
+    return x - step * F.linear(F.relu(F.linear(x, weight, bias)), weight.t())
+
+
+def convex_potential_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    step: Step,
+    padding: Union[None, int, Sequence[int]] = None,
+) -> torch.Tensor:
+    r"""The convolutional CPL step, for given ``K``, ``b`` and ``h``:
+
+    .. math::  z = x - h\, \mathrm{conv\_transpose2d}(\mathrm{ReLU}(\mathrm{conv2d}(x, K, b)), K) ,
+
+    both with stride 1 and zero padding ``padding``, so ``conv_transpose2d(., K)`` is the exact adjoint
+    ``K^T`` of ``conv2d(., K)`` and ``z`` has the shape of ``x`` for an odd kernel and ``padding = k // 2``.
+
+    Args:
+        x: input ``(N, C, H, W)`` (or ``(C, H, W)``).
+        weight: ``K``, shape ``(m, C, k, k)``.
+        bias: ``b``, shape ``(m,)``, or ``None``.
+        step: ``h``, a float or a 0-dim tensor (1-Lipschitz for ``0 <= h <= 2 / ||K||_2^2``, the norm
+            of the convolution on inputs of ``x``'s size).
+        padding: zero padding (int or pair); default ``(k_h // 2, k_w // 2)`` ("same").
+
+    Returns:
+        ``z``, the shape of ``x``. Differentiable in every argument; a pure function, usable in
+        ``torch.func`` transforms. :class:`ConvexPotentialConv2d` is this function with
+        ``h = 2 / ||K||^2``.
+    """
+    if weight.dim() != 4 or x.dim() not in (3, 4) or x.shape[-3] != weight.shape[1]:
+        raise ValueError(
+            f"convex_potential_conv2d: weight must be (m, C, k, k) and x (N, C, H, W), got weight "
+            f"{tuple(weight.shape)} and x {tuple(x.shape)}"
+        )
+    _check_step(step, "convex_potential_conv2d")
+    if padding is None:
+        padding = (weight.shape[2] // 2, weight.shape[3] // 2)
+    pre = F.conv2d(x, weight, bias, padding=padding)
+    return x - step * F.conv_transpose2d(F.relu(pre), weight, padding=padding)
+
+
+def _autocast_dtype(kind):
+    """The autocast dtype on devices of type ``kind``, or None where autocast is off."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    if kind == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if kind == "cuda" and torch.is_autocast_enabled() else None
+
+
+def _update_dtype(x, weight):
+    """The dtype ``W^T ReLU(W x + b)`` is computed in: the autocast dtype where autocast casts the
+    inputs (float32 or lower precision), else the dtype of ``x`` and ``W``."""
+    autocast = _autocast_dtype(x.device.type)
+    if autocast is not None and x.dtype != torch.float64 and weight.dtype != torch.float64:
+        return autocast
+    return torch.promote_types(x.dtype, weight.dtype)
+
 
 class _ConvexPotentialBase(OperatorNormModule):
     """The CPL step and forward, on top of the operator-norm machinery."""
@@ -67,7 +173,8 @@ class _ConvexPotentialBase(OperatorNormModule):
         self.step_scale = float(step_scale)
         self._step_cache = {}
 
-    def _pre_activation(self, x):
+    def _step(self, x, step):
+        """The CPL step with step ``step`` (the functional form of the layer)."""
         raise NotImplementedError
 
     def _check_input(self, x):
@@ -133,12 +240,11 @@ class _ConvexPotentialBase(OperatorNormModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        update = self.adjoint(F.relu(self._pre_activation(x)))
         if self.training:
             h = self.step_size()
-        else:  # rounded down to the dtype h * update is computed in
-            h = self._eval_step_tensor(update.dtype, update.device)
-        return x - h * update
+        else:  # rounded down to the dtype h * W^T ReLU(W x + b) is computed in
+            h = self._eval_step_tensor(_update_dtype(x, self.weight), x.device)
+        return self._step(x, h)
 
     def extra_repr(self) -> str:
         scale = f", step_scale={self.step_scale}" if self.step_scale != 1 else ""
@@ -210,8 +316,8 @@ class ConvexPotentialLinear(_ConvexPotentialBase):
         """``W^T y`` for ``y`` of shape ``(..., m)``: shape ``(..., d)``."""
         return F.linear(y, (self.weight if weight is None else weight).t())
 
-    def _pre_activation(self, x):
-        return F.linear(x, self.weight, self.bias)
+    def _step(self, x, step):
+        return convex_potential_linear(x, self.weight, self.bias, step)
 
     def norm_upper_bound(self) -> torch.Tensor:
         """Exact ``||W||_2`` in float64 times ``1 + ROUNDING_MARGIN``."""
@@ -237,7 +343,7 @@ class ConvexPotentialConv2d(_ConvexPotentialBase):
         kernel_size: odd kernel size ``k``.
         input_size: ``(H, W)`` of the inputs (the norm depends on it); inputs of another size are refused.
         bias, eval_norm, n_eval_iter, step_scale: as in :class:`ConvexPotentialLinear`; the sound
-            evaluation norm is :func:`~cpl_mini.spectral.conv_spectral_norm_upper` (float64).
+            evaluation norm is :func:`~cpl_mini.conv_spectral_norm_upper` (float64).
 
     Shape: input ``(N, C, H, W)``, output ``(N, C, H, W)``.
 
@@ -300,11 +406,11 @@ class ConvexPotentialConv2d(_ConvexPotentialBase):
         """``conv_transpose2d(y, K, padding=k//2)``, the exact adjoint of :meth:`operator`."""
         return F.conv_transpose2d(y, self.weight if weight is None else weight, padding=self.padding)
 
-    def _pre_activation(self, x):
-        return F.conv2d(x, self.weight, self.bias, padding=self.padding)
+    def _step(self, x, step):
+        return convex_potential_conv2d(x, self.weight, self.bias, step, self.padding)
 
     def norm_upper_bound(self) -> torch.Tensor:
-        """:func:`~cpl_mini.spectral.conv_spectral_norm_upper` on ``input_size`` inputs (float64)."""
+        """:func:`~cpl_mini.conv_spectral_norm_upper` on ``input_size`` inputs (float64)."""
         return conv_spectral_norm_upper(self.weight, self.input_size, self.padding)
 
     def norm_key(self) -> tuple:
@@ -361,6 +467,9 @@ class LipschitzAvgPool2d(nn.Module):
 
     Non-overlapping windows (stride ``k``): each output is ``k`` times the window's mean, and by
     Cauchy-Schwarz ``(sum of k^2 values / k)^2 <= sum of squares``, with equality for constant windows.
+
+    Shape: input ``(N, C, H, W)`` with ``H`` and ``W`` divisible by ``k`` (other sizes are refused: the
+    pooling would silently drop the last rows or columns), output ``(N, C, H / k, W / k)``.
     """
 
     def __init__(self, kernel_size: int):
@@ -368,7 +477,15 @@ class LipschitzAvgPool2d(nn.Module):
         self.kernel_size = int(kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x, self.kernel_size, divisor_override=self.kernel_size)
+        k = self.kernel_size
+        if x.dim() not in (3, 4) or x.shape[-2] % k or x.shape[-1] % k:
+            size = "x".join(str(n) for n in x.shape[-2:])
+            raise ValueError(
+                f"LipschitzAvgPool2d({k}) needs an (N, C, H, W) input with H and W divisible by {k}, got "
+                f"shape {tuple(x.shape)}: the last rows or columns of a {size} input would be dropped. "
+                f"Crop or pad the input to a multiple of {k}, or choose a kernel size that divides H and W."
+            )
+        return F.avg_pool2d(x, k, divisor_override=k)
 
     def lipschitz_bound(self) -> float:
         return 1.0
@@ -402,7 +519,7 @@ class RowNormalizedLinear(nn.Linear):
     """Linear layer whose rows are normalised to unit l2 norm: ``y_j = <w_j/||w_j||, x> + b_j``.
 
     Each logit is 1-Lipschitz; the certificate uses pairwise constants ``||w_i/||w_i|| - w_j/||w_j||||``
-    (see :func:`cpl_mini.certify.certified_radius_pairwise`).
+    (see :func:`~cpl_mini.certified_radius_pairwise`).
     """
 
     def normalized_weight(self) -> torch.Tensor:

@@ -15,12 +15,22 @@ examples independently (no batch statistics: use ``eval()`` for BatchNorm); norm
 non-batch dimensions. Inputs are moved to the model's device and dtype. The model's mode is never
 changed and its parameters' ``.grad`` are never touched (gradients are taken with respect to inputs
 only). Random draws use a private ``torch.Generator`` seeded by ``seed`` (the global RNG is untouched).
+
+The estimators run the model under :func:`~cpl_mini.frozen_power_iteration`: no forward writes
+its layers' power-iteration vectors. In training mode every forward is then the same function (each layer
+takes one power step from its stored vector, the step the next training forward takes) and the estimates
+are of that function's constant; in evaluation mode, of the function the next evaluation forward
+computes. The model's buffers are left as they were, and ``torch.func`` can differentiate a model in
+training mode.
 """
 
+import contextlib
 import warnings
 
 import torch
 import torch.nn as nn
+
+from .spectral import frozen_power_iteration
 
 __all__ = [
     "pair_ratio",
@@ -53,6 +63,11 @@ def _like_model(model, x):
             f"add a batch dimension with x.unsqueeze(0)"
         )
     return x
+
+
+def _frozen(model):
+    """:func:`~cpl_mini.frozen_power_iteration` for a module; nothing for a plain function."""
+    return frozen_power_iteration(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
 
 
 def _randn(shape, like, generator):
@@ -102,7 +117,7 @@ def random_pairs_lower_bound(model, x, n_pairs=1000, scale=0.1, seed=0, batch_si
     n = x.shape[0]
     g = torch.Generator().manual_seed(seed)
     best = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), _frozen(model):
         for start in range(0, n_pairs, batch_size):
             k = min(batch_size, n_pairs - start)
             idx = torch.randint(n, (k,), generator=g).to(x.device)
@@ -130,6 +145,12 @@ def jacobian_spectral_norm(model, x, n_iter=50, seed=0):
     ``torch.func.vjp`` on the *whole batch*: since examples are independent the batch Jacobian is
     block-diagonal, and the normalisation is done per example.
 
+    Works on a model in training mode too: the transforms run under
+    :func:`~cpl_mini.frozen_power_iteration`, so each CPL layer takes its one power step from
+    the stored vector without writing it back, and the result is the Jacobian norm of the training-mode
+    function the next training forward would compute (the buffers are left unchanged). In evaluation
+    mode with ``eval_norm="power"`` and no cached norm yet, the norm comes from the stored vector too.
+
     Args:
         model: callable on batches; must treat examples independently.
         x: points ``(batch, *features)``.
@@ -143,11 +164,11 @@ def jacobian_spectral_norm(model, x, n_iter=50, seed=0):
     x = _like_model(model, x)
     g = torch.Generator().manual_seed(seed)
     v = _unit(_randn(x.shape, x, g))
-    _, vjp_fn = torch.func.vjp(model, x)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _frozen(model):
         # torch's first forward-mode call loads decompositions through the deprecated
         # torch.jit.script and warns about it: internal to torch, nothing for the caller to do.
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+        _, vjp_fn = torch.func.vjp(model, x)
         for _ in range(n_iter):
             _, jv = torch.func.jvp(model, (x,), (v,))
             (jtjv,) = vjp_fn(jv.detach())
@@ -173,14 +194,15 @@ def exact_jacobian_norm(model, x):
     """
     x = _like_model(model, x)
     norms = []
-    for xi in x:
 
-        def f(z):
-            return model(z.unsqueeze(0)).flatten()
+    def f(z):
+        return model(z.unsqueeze(0)).flatten()
 
-        jac = torch.autograd.functional.jacobian(f, xi.clone())
-        jac = jac.reshape(jac.shape[0], -1).detach().to(torch.float64)
-        norms.append(torch.linalg.matrix_norm(jac, ord=2))
+    with _frozen(model):
+        for xi in x:
+            jac = torch.autograd.functional.jacobian(f, xi.clone())
+            jac = jac.reshape(jac.shape[0], -1).detach().to(torch.float64)
+            norms.append(torch.linalg.matrix_norm(jac, ord=2))
     return torch.stack(norms)
 
 
@@ -220,7 +242,7 @@ def worst_pair_search(model, x, y=None, steps=200, lr=0.01, seed=0, noise=0.01):
     opt = torch.optim.Adam([a, b], lr=lr, maximize=True)
     best, best_a, best_b = 0.0, x[:1].clone(), y[:1].clone()  # ratio >= 0 always
     for k in range(steps + 1):
-        with torch.enable_grad():
+        with torch.enable_grad(), _frozen(model):
             r = pair_ratio(model, a, b)
         with torch.no_grad():
             valid = (_flat_norm(a - b) > tiny * (1 + _flat_norm(a))) & torch.isfinite(r)

@@ -5,8 +5,9 @@ largest singular value. A certificate needs an *upper* bound of it; power iterat
 *lower* estimate (it converges from below), so it is used for training, never for certificates.
 """
 
+import contextlib
 import math
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -347,7 +348,7 @@ def gram_iteration_conv(
 # ---------------------------------------------------------------------------------------------
 # The norm of a layer's operator: training estimate, cached evaluation norm
 # ---------------------------------------------------------------------------------------------
-__all__ += ["OperatorNormModule"]
+__all__ += ["OperatorNormModule", "frozen_power_iteration"]
 
 #: The evaluation norms of :class:`OperatorNormModule`.
 EVAL_NORMS = ("sound", "power")
@@ -377,8 +378,12 @@ class OperatorNormModule(torch.nn.Module):
       iterations ``v = W u / ||W u||``, ``u = W^T v / ||W^T v||`` from the persistent vector, which
       they advance, and the estimate ``<W u, v>``; a lower estimate, for comparisons only.
 
+    Under :func:`~cpl_mini.frozen_power_iteration` no forward writes ``u`` (nor resets the evaluation
+    cache): the training estimate is the same power step from the stored ``u``, not written back: the
+    training forward is a pure function of the weight, ``u`` and the input (for ``torch.func``).
+
     The sound norms run in float64 (on the CPU for MPS tensors), without autocast and with TF32 off
-    (:func:`~cpl_mini.precision.ieee_precision`).
+    (:func:`~cpl_mini.ieee_precision`).
     """
 
     def __init__(self, eval_norm: str = "sound", n_eval_iter: int = 100):
@@ -388,6 +393,8 @@ class OperatorNormModule(torch.nn.Module):
         self.eval_norm = eval_norm
         self.n_eval_iter = int(n_eval_iter)
         self._norm_cache = None  # (key, weight copy, norm) of the last evaluation norm
+        self._frozen_depth = 0  # > 0 inside frozen_power_iteration: no forward writes u
+        self._frozen_norm_cache = None  # eval_norm="power" norm computed while frozen (from the stored u)
 
     # -- what a subclass defines ---------------------------------------------------------------
     def operator(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -407,6 +414,14 @@ class OperatorNormModule(torch.nn.Module):
         return ()
 
     # -- power iteration -----------------------------------------------------------------------
+    def _is_frozen(self):
+        return getattr(self, "_frozen_depth", 0) > 0  # modules pickled before the attribute existed
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_frozen_depth"], state["_frozen_norm_cache"] = 0, None  # a copy is never frozen
+        return state
+
     def _norm_weight(self):
         w = self.weight
         return w if w.dtype in (torch.float32, torch.float64) else w.float()
@@ -415,7 +430,7 @@ class OperatorNormModule(torch.nn.Module):
         w = self._norm_weight()
         u = self.u.to(w.dtype)
         sigma, u_new = power_iteration(lambda x: self.operator(x, w), lambda y: self.adjoint(y, w), u, n_iter)
-        if update:
+        if update and not self._is_frozen():
             with torch.no_grad():
                 self.u.copy_(u_new)
         return sigma
@@ -442,8 +457,8 @@ class OperatorNormModule(torch.nn.Module):
             )
         return sigma
 
-    def _official_power_norm(self, n_iter):
-        """The official evaluation estimate; advances ``u`` by ``n_iter`` iterations."""
+    def _official_power_norm(self, n_iter, update=True):
+        """The official evaluation estimate; advances ``u`` by ``n_iter`` iterations if ``update``."""
         if n_iter < 1:
             raise ValueError(f"eval_norm='power' needs n_eval_iter >= 1, got {n_iter}")
         w = self._norm_weight().detach()
@@ -452,21 +467,21 @@ class OperatorNormModule(torch.nn.Module):
             v = _official_unit(self.operator(u, w))
             u = _official_unit(self.adjoint(v, w))
         sigma = (self.operator(u, w) * v).sum()
-        self.u.copy_(u)
+        if update:
+            self.u.copy_(u)
         return sigma
 
     # -- the norm of each mode -----------------------------------------------------------------
     def _cache_key(self):
         return (self.eval_norm, self.n_eval_iter) + tuple(self.norm_key())
 
-    def _cached_norm(self):
-        """The cached norm if it was computed for exactly the weight the layer holds now, else None.
+    def _cached_norm(self, entry):
+        """The norm of a cache ``entry`` if it was computed for the very weight the layer holds now, or None.
 
         The cache keeps a copy of the weight and compares it element by element (``torch.equal``):
         version counters are not enough (fused and compiled optimizers update weights without
         bumping them, ``.data`` edits never do), and the comparison costs one pass over the weight.
         """
-        entry = self._norm_cache
         if entry is None or entry[0] != self._cache_key():
             return None
         _, weight, value = entry
@@ -483,17 +498,27 @@ class OperatorNormModule(torch.nn.Module):
         """The norm used in evaluation mode: a float64 0-dim tensor (on the CPU for MPS weights).
 
         Cached with a copy of the weight it was computed from; recomputed whenever the weight differs
-        from that copy, however it was changed.
+        from that copy, however it was changed. Under :func:`~cpl_mini.frozen_power_iteration` a norm that
+        ``eval_norm="power"`` has to compute comes from the stored ``u``, which is left as it is (the
+        same value as outside the context), and is kept only until the context ends.
         """
-        value = self._cached_norm()
+        value = self._cached_norm(self._norm_cache)
+        if value is not None:
+            return value
+        frozen = self.eval_norm == "power" and self._is_frozen()
+        value = self._cached_norm(self._frozen_norm_cache) if frozen else None
         if value is None:
             with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False), ieee_precision():
                 if self.eval_norm == "sound":
                     value = self.norm_upper_bound()
                 else:
-                    value = self._official_power_norm(self.n_eval_iter)
+                    value = self._official_power_norm(self.n_eval_iter, update=not frozen)
             value = value.detach().to(device=float64_device(self.weight.device), dtype=torch.float64)
-            self._norm_cache = (self._cache_key(), self.weight.detach().clone(), value)
+            entry = (self._cache_key(), self.weight.detach().clone(), value)
+            if frozen:
+                self._frozen_norm_cache = entry
+            else:
+                self._norm_cache = entry
         return value
 
     def sound_spectral_norm(self) -> torch.Tensor:
@@ -504,10 +529,10 @@ class OperatorNormModule(torch.nn.Module):
             return self.norm_upper_bound()
 
     def spectral_norm(self) -> torch.Tensor:
-        """The norm of the current mode: the training estimate (one power step, ``u`` advances,
-        differentiable) or the cached evaluation norm."""
+        """The norm of the current mode: the training estimate (one power step, ``u`` advances unless
+        frozen by :func:`~cpl_mini.frozen_power_iteration`, differentiable) or the cached evaluation norm."""
         if self.training:
-            if self.eval_norm == "power":
+            if self.eval_norm == "power" and not self._is_frozen():
                 self._norm_cache = None  # the official evaluation restarts after each training step
             with torch.autocast(self.weight.device.type, enabled=False):
                 return self._power_norm(1, update=True)
@@ -519,3 +544,56 @@ class OperatorNormModule(torch.nn.Module):
 
     def _op_adjoint(self, y, weight):
         return self.adjoint(y, weight)
+
+
+@contextlib.contextmanager
+def frozen_power_iteration(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    r"""Run ``model``'s forwards without writing the power-iteration vectors of its layers.
+
+    Inside the context, every :class:`OperatorNormModule` of ``model`` (``model`` itself included)
+    computes its training estimate as usual, one power step from the stored vector,
+
+    .. math::  \sigma = \|W x\|, \qquad x = \frac{W^\top W u}{\|W^\top W u\|} ,
+
+    the same value (and the same gradient in ``W``) as a normal training forward, but does not write
+    ``x`` back to ``u``; nor does it reset the evaluation cache, and an evaluation norm that
+    ``eval_norm="power"`` has to compute comes from the stored ``u`` without advancing it. So no forward
+    mutates a buffer, the training-mode forward is a pure function of the weights and the input, and
+    ``torch.func`` transforms (``jacrev``, ``jvp``, ``vmap``, ``functional_call``) work on a model in
+    training mode. Several forwards in the context all use the same ``u``.
+
+    On exit (also on an exception) the normal behaviour is restored; contexts nest (the layers stay
+    frozen until the outermost one ends). Layers added to ``model`` inside the context, and copies
+    made there, are not frozen.
+
+    Args:
+        model: any ``nn.Module`` (one without such layers is left as it is); the context yields it.
+
+    Examples:
+        >>> import torch
+        >>> from cpl_mini import ConvexPotentialLinear, frozen_power_iteration
+        >>> layer = ConvexPotentialLinear(4).train()
+        >>> u0 = layer.u.clone()
+        >>> with frozen_power_iteration(layer):
+        ...     jac = torch.func.jacrev(layer)(torch.randn(4))
+        >>> jac.shape, torch.equal(layer.u, u0)
+        (torch.Size([4, 4]), True)
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"frozen_power_iteration expects an nn.Module, got {type(model).__name__}; "
+            "a plain function has no power-iteration vectors to freeze"
+        )
+    layers = [m for m in model.modules() if isinstance(m, OperatorNormModule)]
+    for layer in layers:
+        depth = getattr(layer, "_frozen_depth", 0)  # 0 for layers pickled before the attribute existed
+        if depth == 0:
+            layer._frozen_norm_cache = None
+        layer._frozen_depth = depth + 1
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._frozen_depth -= 1
+            if layer._frozen_depth == 0:
+                layer._frozen_norm_cache = None

@@ -20,7 +20,10 @@ from cpl_mini.layers import (
     FirstCoordinates,
     LipschitzAvgPool2d,
     RowNormalizedLinear,
+    convex_potential_conv2d,
+    convex_potential_linear,
 )
+from cpl_mini.precision import cast_down
 from cpl_mini.spectral import power_iteration
 
 pytestmark = pytest.mark.usefixtures("ieee")  # on GPUs too, the checks are of IEEE float32 arithmetic
@@ -288,6 +291,88 @@ def test_conv_layer_sound_norm_where_the_unenlarged_circular_norm_fails():
     assert jacobian_norm(layer, sharp_point(layer, x)) <= 1 + 1e-12
 
 
+# ------------------------------------------------------------------------------- the functional step
+def layer_and_input(kind, dtype, bias=True, **kw):
+    if kind == "dense":
+        return ConvexPotentialLinear(7, 5, bias=bias, **kw).to(dtype), torch.randn(4, 7, dtype=dtype)
+    layer = ConvexPotentialConv2d(3, 4, input_size=(6, 6), bias=bias, **kw).to(dtype)
+    return layer, torch.randn(2, 3, 6, 6, dtype=dtype)
+
+
+def functional_step(layer, x, step, weight=None, bias=None):
+    """The public function of the layer's step, with the layer's weight and bias unless given."""
+    w = layer.weight if weight is None else weight
+    b = layer.bias if bias is None else bias
+    if isinstance(layer, ConvexPotentialLinear):
+        return convex_potential_linear(x, w, b, step)
+    return convex_potential_conv2d(x, w, b, step, layer.padding)
+
+
+def explicit_step(layer, x, step):
+    """x - h M^T ReLU(M x + b) in float64 with M the explicit matrix of W (built from the weight alone)."""
+    m = operator_matrix(layer, x[:1])
+    flat = x.detach().double().reshape(x.shape[0], -1)
+    b = torch.zeros(m.shape[0], dtype=torch.float64)
+    if layer.bias is not None:
+        b = layer.bias.detach().double().repeat_interleave(m.shape[0] // layer.bias.numel())
+    return (flat - float(step.detach()) * F.relu(flat @ m.T + b) @ m).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_functional_step_is_the_layer_forward(kind, mode, bias, dtype, tol):
+    layer, x = layer_and_input(kind, dtype, bias)
+    layer.train(mode == "train")
+    # the step the forward takes: in training mode from a copy (a training forward advances u)
+    h = copy.deepcopy(layer).step_size() if mode == "train" else layer.step_size()
+    out = layer(x)
+    assert torch.equal(functional_step(layer, x, h), out)
+    assert torch.allclose(out.double(), explicit_step(layer, x, h), rtol=0, atol=10 * tol)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_autocast_eval_forward_is_the_functional_step_with_h_rounded_down(kind):
+    """Under bfloat16 autocast the eval-mode forward applies h rounded *down* to bfloat16 (the dtype
+    h * W^T ReLU(W x + b) is computed in), bit for bit: nearest rounding would go up for some layers."""
+    for seed in range(8):
+        torch.manual_seed(seed)
+        layer, x = layer_and_input(kind, torch.float32)
+        layer.eval()
+        h = cast_down(torch.tensor(layer.eval_step(), dtype=torch.float64), torch.bfloat16)
+        assert h.item() <= layer.eval_step()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+            expected = functional_step(layer, x, h)
+        assert out.dtype == expected.dtype and torch.equal(out, expected), seed
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_functional_steps_are_differentiable_and_work_in_torch_func(kind):
+    torch.manual_seed(0)
+    layer, x = layer_and_input(kind, torch.float64)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    h = torch.tensor(0.3, dtype=torch.float64)
+    # every argument, against finite differences
+    args = tuple(t.clone().requires_grad_(True) for t in (x[:2], w, b, h))
+    assert torch.autograd.gradcheck(lambda *a: functional_step(layer, a[0], a[3], a[1], a[2]), args)
+    # the Jacobian in x is I - h M^T D M, D the active ReLUs, M the explicit matrix of W
+    x1 = x[:1]
+    jac = torch.func.jacrev(lambda z: functional_step(layer, z, h, w, b))(x1).reshape(x1.numel(), -1)
+    m = operator_matrix(layer, x1)
+    active = (pre_activation(layer, x1) > 0).double().flatten()
+    expected = torch.eye(x1.numel(), dtype=torch.float64) - h * m.T @ torch.diag(active) @ m
+    assert torch.allclose(jac, expected, rtol=0, atol=1e-12)
+    # vmap over the examples (each (d,) or (C, H, W)) is the batched call
+    batched = torch.func.vmap(lambda xi: functional_step(layer, xi, h, w, b))(x)
+    assert torch.allclose(batched, functional_step(layer, x, h, w, b), rtol=0, atol=1e-12)
+    assert torch.equal(functional_step(layer, x, 0.3, w, b), functional_step(layer, x, h, w, b))
+    with pytest.raises(ValueError, match="0-dim tensor"):
+        functional_step(layer, x, torch.full((1,), 0.3))
+    with pytest.raises(ValueError, match="weight must be"):
+        functional_step(layer, x[..., 1:] if kind == "dense" else x[:, 1:], h)
+
+
 # ------------------------------------------------------------------------------- the other pieces
 def test_bad_inputs_give_clear_errors():
     conv = ConvexPotentialConv2d(4, 2, input_size=(8, 8))
@@ -338,9 +423,24 @@ def test_pieces_are_one_lipschitz_and_bound_of_a_network():
     ).eval()
     assert lipschitz_upper_bound(net) == 1.0
     assert net(torch.randn(2, 3, 8, 8)).shape == (2, 3)
-    with pytest.raises(TypeError, match="Conv2d"):
-        lipschitz_upper_bound(nn.Sequential(nn.Conv2d(3, 3, 3)).eval())
+
+    class Unknown(nn.Module):  # no rule and no lipschitz_bound(): refused
+        def forward(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="Unknown"):
+        lipschitz_upper_bound(nn.Sequential(Unknown()).eval())
     assert cpl_mini.layers.lipschitz_upper_bound is lipschitz_upper_bound  # still importable from layers
+
+
+def test_avg_pool_refuses_sizes_it_would_crop():
+    """avg_pool2d drops the last rows and columns of a size that is not a multiple of k: refused."""
+    pool = LipschitzAvgPool2d(4)
+    for shape in [(1, 2, 30, 30), (1, 2, 32, 30), (1, 2, 30, 32), (2, 30, 32)]:
+        with pytest.raises(ValueError, match=r"divisible by 4.*Crop or pad the input.*kernel size"):
+            pool(torch.randn(shape))
+    assert pool(torch.randn(1, 2, 28, 32)).shape == (1, 2, 7, 8)
+    assert pool(torch.randn(2, 8, 8)).shape == (2, 2, 2)
 
 
 def exact_pairwise(v):

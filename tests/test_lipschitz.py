@@ -4,10 +4,13 @@ References: matrices built with known singular values, torch.linalg.svdvals, and
 layers' exact spectral norms (an upper bound for networks with 1-Lipschitz activations).
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 
+from cpl_mini.layers import ConvexPotentialConv2d, ConvexPotentialLinear
 from cpl_mini.lipschitz import (
     exact_jacobian_norm,
     jacobian_spectral_norm,
@@ -171,6 +174,73 @@ def test_no_side_effects_on_the_model_or_the_global_rng(training):
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def _training_steps(model):
+    """h = 2 / sigma^2 of each CPL layer's next training forward, restated: sigma = ||W v||,
+    v = W^T W u / ||W^T W u|| from the stored u (float64)."""
+    steps = []
+    for layer in model:
+        w = layer.weight.detach()
+        v = w.T @ (w @ layer.u.flatten())
+        steps.append(2 / (w @ (v / v.norm())).norm() ** 2)
+    return steps
+
+
+def test_jacobian_norm_of_a_cpl_model_in_training_mode():
+    """The Jacobian of the training-mode function (each layer one power step from its stored vector),
+    against the explicit product of the layers' Jacobians I - h W^T D W; the buffers are left unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvexPotentialLinear(6, 8), ConvexPotentialLinear(6, 5)).to(DT).train()
+    x = torch.randn(5, 6, dtype=DT)
+    buffers = [b.clone() for b in model.buffers()]
+    steps = _training_steps(model)
+    ref = []
+    for z in x:
+        jac = torch.eye(6, dtype=DT)
+        for layer, h in zip(model, steps):
+            w, b = layer.weight.detach(), layer.bias.detach()
+            pre = w @ z + b
+            jac = (torch.eye(6, dtype=DT) - h * w.T @ torch.diag((pre > 0).to(DT)) @ w) @ jac
+            z = z - h * w.T @ torch.relu(pre)
+        ref.append(torch.linalg.svdvals(jac)[0])
+    ref = torch.stack(ref)
+    est = jacobian_spectral_norm(model, x, n_iter=300)
+    assert (est <= ref * (1 + 1e-12)).all()
+    assert torch.allclose(est, ref, rtol=1e-6)
+    assert torch.allclose(exact_jacobian_norm(model, x), ref, rtol=1e-12)
+    assert ref.max() > 1.01  # the training-mode step uses a lower estimate of the norm
+    random_pairs_lower_bound(model, x, n_pairs=50)
+    worst_pair_search(model, x, steps=3)
+    assert model.training
+    assert all(torch.equal(b, b0) for b, b0 in zip(model.buffers(), buffers))  # bit-identical
+
+
+@pytest.mark.parametrize("eval_norm", ["power", "sound"])
+def test_jacobian_norm_of_an_eval_cpl_model_with_a_cold_cache(eval_norm):
+    """A fresh eval-mode model (no norm cached yet): the Jacobian norm of the function its first
+    evaluation forward computes, against float64 autograd Jacobians of an untouched copy and svdvals."""
+    torch.manual_seed(0)
+    kw = {"eval_norm": eval_norm, "step_scale": 1.9}  # not 1-Lipschitz: local constants above 1
+    model = nn.Sequential(
+        ConvexPotentialConv2d(2, 3, input_size=(4, 4), **kw),
+        nn.Flatten(),
+        ConvexPotentialLinear(32, 16, **kw),
+    )
+    model = model.to(DT).eval()
+    reference = copy.deepcopy(model)
+    buffers = [b.clone() for b in model.buffers()]
+    x = torch.randn(4, 2, 4, 4, dtype=DT)
+    est = jacobian_spectral_norm(model, x, n_iter=300)
+    ref = []
+    for xi in x:
+        jac = torch.autograd.functional.jacobian(lambda z: reference(z.unsqueeze(0)).flatten(), xi)
+        ref.append(torch.linalg.svdvals(jac.reshape(jac.shape[0], -1))[0])
+    ref = torch.stack(ref)
+    assert (est <= ref * (1 + 1e-12)).all()
+    assert torch.allclose(est, ref, rtol=1e-6)
+    assert ref.min() > 1.01 and ref.unique().numel() == 4
+    assert all(torch.equal(b, b0) for b, b0 in zip(model.buffers(), buffers))
 
 
 def test_float32_model_and_float64_inputs():

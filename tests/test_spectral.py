@@ -2,6 +2,7 @@
 evaluation-norm cache of OperatorNormModule against every way of changing a weight."""
 
 import copy
+import doctest
 import math
 from fractions import Fraction
 
@@ -10,9 +11,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cpl_mini.spectral
 from cpl_mini.bounds import lipschitz_upper_bound
 from cpl_mini.certify import network_lipschitz
-from cpl_mini.layers import ConvexPotentialConv2d, ConvexPotentialLinear
+from cpl_mini.layers import (
+    ConvexPotentialConv2d,
+    ConvexPotentialLinear,
+    convex_potential_conv2d,
+    convex_potential_linear,
+)
 from cpl_mini.normalized import SpectralNormLinear
 from cpl_mini.spectral import (
     conv_operator,
@@ -20,6 +27,7 @@ from cpl_mini.spectral import (
     conv_spectral_norm_upper,
     dense_spectral_norm,
     dense_spectral_norm_upper,
+    frozen_power_iteration,
     power_iteration,
 )
 
@@ -270,3 +278,145 @@ def test_eval_norm_runs_in_ieee_float32(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     assert seen == [False]
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen_power_iteration: training forwards without writing the persistent vector
+# ---------------------------------------------------------------------------------------------
+def _frozen_case(kind):
+    if kind == "dense":
+        layer, shape = ConvexPotentialLinear(6, 4), (1, 6)
+    else:
+        layer, shape = ConvexPotentialConv2d(2, 3, input_size=(4, 4)), (1, 2, 4, 4)
+    layer = layer.double().train()
+    w = layer.weight.detach()
+    m = w if kind == "dense" else explicit_matrix(lambda v: F.conv2d(v, w, padding=1), shape)
+    return layer, shape, m
+
+
+def _one_power_step(m, u):
+    """The training estimate restated with the explicit matrix M: v = M^T M u / ||.||, sigma = ||M v||."""
+    v = m.T @ (m @ u.flatten())
+    v = v / v.norm()
+    return (m @ v).norm(), v
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_frozen_training_forward_is_a_pure_function_for_torch_func(kind):
+    torch.manual_seed(0)
+    layer, shape, m = _frozen_case(kind)
+    x = torch.randn(shape, dtype=torch.float64)
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+    sigma, v = _one_power_step(m, layer.u)
+    h = 2 / sigma.item() ** 2
+    with frozen_power_iteration(layer) as same:
+        assert same is layer
+        jac = torch.func.jacrev(layer)(x).reshape(x.numel(), x.numel())
+        frozen_sigma = layer.spectral_norm()
+    assert frozen_sigma.item() == pytest.approx(sigma.item(), rel=1e-12)
+    # the same value as a normal training forward would take (on a copy: that one advances u)
+    assert torch.equal(frozen_sigma, copy.deepcopy(layer).spectral_norm())
+    # the Jacobian I - h M^T D M of the step with that h
+    w, b = layer.weight.detach(), layer.bias.detach()
+    pre = F.linear(x, w, b) if kind == "dense" else F.conv2d(x, w, b, padding=1)
+    d = torch.diag((pre.flatten() > 0).double())
+    expected = torch.eye(x.numel(), dtype=torch.float64) - h * m.T @ d @ m
+    assert torch.allclose(jac, expected, rtol=0, atol=1e-12)
+    step = (
+        (lambda z: convex_potential_linear(z, w, b, h))
+        if kind == "dense"
+        else (lambda z: convex_potential_conv2d(z, w, b, h, 1))
+    )
+    assert torch.allclose(jac, torch.func.jacrev(step)(x).reshape(jac.shape), rtol=0, atol=1e-12)
+    assert all(torch.equal(b, buffers[name]) for name, b in layer.named_buffers())  # bit-identical
+    layer(x)  # after the context a training forward advances u again, by one power step
+    assert not torch.equal(layer.u, buffers["u"])
+    assert torch.allclose(layer.u.flatten(), v, rtol=0, atol=1e-12)
+
+
+def test_frozen_training_forward_gradient_in_the_weights_and_vmap():
+    torch.manual_seed(1)
+    layer = ConvexPotentialLinear(5, 3).double().train()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    params = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    u = layer.u.clone()
+
+    def independent(w, b):  # the training forward restated: one power step from u, no gradient through it
+        with torch.no_grad():
+            v = (u @ w.T) @ w
+            v = v / v.norm()
+        sigma = (v @ w.T).norm()
+        return x - 2 / sigma**2 * (F.relu(x @ w.T + b) @ w)
+
+    expected = torch.autograd.functional.jacobian(independent, (params["weight"], params["bias"]))
+    with frozen_power_iteration(layer):
+        got = torch.func.jacrev(lambda p: torch.func.functional_call(layer, p, (x,)))(params)
+        batched = torch.func.vmap(layer)(x)  # one example (5,) at a time
+        whole = layer(x)
+    assert torch.allclose(got["weight"], expected[0], rtol=0, atol=1e-12)
+    assert torch.allclose(got["bias"], expected[1], rtol=0, atol=1e-12)
+    assert torch.allclose(batched, whole, rtol=0, atol=1e-12)
+    assert torch.equal(layer.u, u)
+
+
+def test_frozen_power_iteration_nests_and_restores_after_exceptions():
+    layer = ConvexPotentialLinear(5).train()
+    model = nn.Sequential(nn.Identity(), layer)
+    x = torch.randn(3, 5)
+    u0 = layer.u.clone()
+    with frozen_power_iteration(model):
+        with frozen_power_iteration(layer):
+            model(x)
+        model(x)  # the outer context still holds
+        assert torch.equal(layer.u, u0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with frozen_power_iteration(model):
+            model(x)
+            raise RuntimeError("boom")
+    assert torch.equal(layer.u, u0)
+    model(x)  # restored: a training forward advances u
+    assert not torch.equal(layer.u, u0)
+    with frozen_power_iteration(model):
+        other = copy.deepcopy(layer)  # a copy made in the context is not frozen after it
+    u1 = other.u.clone()
+    other(x)
+    assert not torch.equal(other.u, u1)
+    with pytest.raises(TypeError, match="nn.Module"):
+        with frozen_power_iteration(lambda z: z):
+            pass
+
+
+def test_frozen_eval_power_norm_leaves_the_vector_and_the_cache():
+    """eval_norm="power" with a cold cache: in the context the norm comes from the stored u (the value the
+    first normal evaluation computes), u is not advanced, and the cache stays cold; a frozen training
+    forward does not reset a warm cache either."""
+    torch.manual_seed(2)
+    layer = ConvexPotentialConv2d(2, 3, input_size=(5, 5), eval_norm="power").double().eval()
+    reference = copy.deepcopy(layer)
+    u0 = layer.u.clone()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with frozen_power_iteration(layer):
+        out = layer(x)
+        sigma = layer.eval_spectral_norm()
+        assert torch.equal(layer.u, u0)
+    assert torch.equal(out, reference(x)) and torch.equal(sigma, reference.eval_spectral_norm())
+    layer(x)  # the cache was not filled: the first normal evaluation runs now and advances u
+    assert torch.equal(layer.u, reference.u) and not torch.equal(layer.u, u0)
+    layer.train()
+    with frozen_power_iteration(layer):
+        layer(x)
+    layer.eval()
+    u1 = layer.u.clone()
+    layer(x)  # still cached: u stays
+    assert torch.equal(layer.u, u1)
+    layer.train()
+    layer(x)  # a normal training forward restarts the official evaluation
+    layer.eval()
+    u2 = layer.u.clone()
+    layer(x)
+    assert not torch.equal(layer.u, u2)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(cpl_mini.spectral, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 5 and result.failed == 0
