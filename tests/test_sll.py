@@ -1,14 +1,18 @@
 """cpl_mini.sll: the SDP-based Lipschitz Layer is 1-Lipschitz for every W and q, generalises the CPL
-(T = ||W||^2 I) and shares T with AOL (q = 1); checked in float64 with exact Jacobians."""
+(T = ||W||^2 I) and shares T with AOL (q = 1); checked in float64 with exact Jacobians. The convolutional
+layer is checked against explicit convolution matrices built entry by entry from the definition."""
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from cpl_mini.bounds import lipschitz_upper_bound
 from cpl_mini.layers import ConvexPotentialLinear, FirstCoordinates
-from cpl_mini.normalized import aol_scaling
-from cpl_mini.sll import SLLLinear, sll_residual, sll_t
+from cpl_mini.normalized import aol_conv_scaling, aol_scaling, conv_gram_kernel
+from cpl_mini.sll import SLLConv2d, SLLLinear, sll_conv_t, sll_residual, sll_t
 
 DT = torch.float64
 SHAPES = [(6, 6), (8, 3), (5, 12)]  # features d, inner m
@@ -115,3 +119,190 @@ def test_network_bound_and_bad_inputs():
         sll_t(torch.randn(5, 3), torch.ones(4))
     with pytest.raises(ValueError, match="positive"):
         SLLLinear(0)
+
+
+# ------------------------------------------------------------------------------------ SLLConv2d
+CONV_SHAPES = [(2, 3), (3, 2), (3, 3)]  # channels C, inner m
+SIZES = [(5, 5), (6, 7)]
+WEIGHTS = ["random", "large", "ones", "checkerboard"]
+
+
+def conv_matrix(kernel, size):
+    """The matrix of the zero-padded ("same") stride-1 convolution on (C, H, W) inputs, built entry by entry
+    from y[a, h, w] = sum_{c, s, t} K[a, c, s, t] x[c, h + s - p, w + t - p] (no convolution routine)."""
+    K = kernel.detach().double().cpu().numpy()
+    m, C, k, _ = K.shape
+    H, W = size
+    p = k // 2
+    A = np.zeros((m, H, W, C, H, W))
+    for a, c, s, t, i, j in itertools.product(range(m), range(C), range(k), range(k), range(H), range(W)):
+        h, w = i + s - p, j + t - p
+        if 0 <= h < H and 0 <= w < W:
+            A[a, i, j, c, h, w] += K[a, c, s, t]
+    return torch.from_numpy(A.reshape(m * H * W, C * H * W))
+
+
+def reference_t(kernel, q):
+    """t from the explicit A A^T: on a (2k-1) x (2k-1) image, the row of (a, centre pixel) holds every shift
+    of the gram kernel once, so t_a = sum of |A A^T| over that row, weighted by q_b / q_a."""
+    m, k = kernel.shape[0], kernel.shape[2]
+    n = 2 * k - 1
+    A = conv_matrix(kernel, (n, n))
+    G = (A @ A.T).reshape(m, n, n, m, n, n)[:, n // 2, n // 2]  # (m, m, n, n): rows (a, centre)
+    S = G.abs().sum(dim=(2, 3))
+    return (S @ q) / q
+
+
+def conv_jacobian(f, x):
+    return torch.autograd.functional.jacobian(f, x, vectorize=True).reshape(x.numel(), x.numel())
+
+
+def make_conv(C, m, weights, seed, k=3):
+    torch.manual_seed(seed)
+    layer = SLLConv2d(C, m, kernel_size=k).to(DT)
+    with torch.no_grad():
+        if weights == "large":
+            layer.weight.mul_(100.0)
+        elif weights == "ones":  # every shift correlated: the gram kernel's row sums are tight
+            layer.weight.fill_(1.0)
+        elif weights == "checkerboard":  # the gram kernel alternates in sign: the |.| matters
+            s = torch.arange(k)
+            layer.weight.copy_(((-1.0) ** (s[:, None] + s[None, :])).to(DT).expand_as(layer.weight))
+        if weights in ("random", "large"):
+            layer.log_q.normal_(0.0, 1.0)
+        else:
+            layer.log_q.zero_()
+    return layer
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("seed", range(3))
+def test_conv_t_matches_the_explicit_operator(k, seed):
+    torch.manual_seed(seed)
+    K, q = torch.randn(3, 2, k, k, dtype=DT), torch.rand(3, dtype=DT) + 0.1
+    assert torch.allclose(sll_conv_t(K, q), reference_t(K, q), rtol=1e-12, atol=0)
+    # the gram kernel is the official code's conv2d(K, K, padding=k-1)
+    assert torch.allclose(conv_gram_kernel(K.transpose(0, 1)), torch.conv2d(K, K, padding=k - 1), atol=1e-12)
+
+
+def test_conv_q_equal_one_gives_the_aol_scaling_and_k1_is_the_dense_layer():
+    K = torch.randn(4, 3, 3, 3, dtype=DT)
+    assert torch.allclose(sll_conv_t(K, torch.ones(4, dtype=DT)), aol_conv_scaling(K.transpose(0, 1)) ** -2)
+    conv, dense = SLLConv2d(3, 5, kernel_size=1).to(DT), SLLLinear(3, 5).to(DT)
+    with torch.no_grad():
+        conv.log_q.normal_()
+        dense.load_state_dict({"weight": conv.weight[:, :, 0, 0], "bias": conv.bias, "log_q": conv.log_q})
+    x = torch.randn(2, 3, 4, 5, dtype=DT)
+    assert torch.allclose(conv(x), dense(x.movedim(1, -1)).movedim(-1, 1), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: f"C{s[0]}m{s[1]}")
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_conv_jacobian_is_exact_and_in_the_unit_ball(shape, size, weights):
+    """J = I - 2 A^T T^-1 D A (A the explicit matrix, D the ReLU slopes): symmetric, eigenvalues in
+    [-1, 1]; its norm is at most 1 and at most lipschitz_bound() (which is 1 up to rounding)."""
+    (C, m), (H, W) = shape, size
+    for seed in range(2):
+        layer = make_conv(C, m, weights, seed)
+        A = conv_matrix(layer.weight, size)
+        t = layer.t().detach().repeat_interleave(H * W)
+        bound = layer.lipschitz_bound()
+        assert 1.0 <= bound <= 1 + 1e-9
+        for active in (False, True):  # a random point, then one where every unit is active
+            if active:
+                with torch.no_grad():
+                    layer.bias.fill_(1e7)
+            x = torch.randn(1, C, H, W, dtype=DT)
+            b = layer.bias.detach().repeat_interleave(H * W)
+            slopes = ((A @ x.flatten() + b) > 0).to(DT)
+            expected = torch.eye(C * H * W, dtype=DT) - 2 * A.T @ torch.diag(slopes / t) @ A
+            jac = conv_jacobian(layer, x)
+            assert torch.allclose(jac, expected, atol=1e-10)
+            eig = torch.linalg.eigvalsh((jac + jac.T) / 2)
+            assert eig[0].item() >= -1 - 1e-9 and eig[-1].item() <= 1 + 1e-9
+            sv = torch.linalg.svdvals(jac)[0].item()
+            assert sv <= 1 + 1e-9 and sv <= bound
+
+
+def _broken_t(kind, kernel, q):
+    k = kernel.shape[-1]
+    if kind == "no_abs":
+        s = torch.conv2d(kernel, kernel, padding=k - 1).sum(dim=(2, 3))
+    elif kind == "gram_size_k":  # padding k//2: a (k, k) gram kernel, the outer shifts dropped
+        s = torch.conv2d(kernel, kernel, padding=k // 2).abs().sum(dim=(2, 3))
+    elif kind == "centre_shift_only":  # the dense formula on the flattened kernel
+        w = kernel.flatten(1)
+        s = (w @ w.T).abs()
+    else:  # "no_division_by_q_i"
+        return torch.conv2d(kernel, kernel, padding=k - 1).abs().sum(dim=(2, 3)) @ q
+    return s @ q / q
+
+
+@pytest.mark.parametrize("broken", ["no_abs", "gram_size_k", "centre_shift_only", "no_division_by_q_i"])
+def test_conv_check_fails_when_t_is_broken_and_the_bound_still_holds(broken):
+    """Broken T: the Jacobian at a point where every unit is active has norm > 1 (so the unit-ball check
+    can fail), and lipschitz_bound(), computed from the t the forward uses, is still above it."""
+    weights = "checkerboard" if broken == "no_abs" else "ones"
+    layer = make_conv(2, 2, weights, 0)
+    with torch.no_grad():
+        layer.bias.fill_(1e7)
+        if broken == "no_division_by_q_i":
+            layer.log_q.fill_(-2.0)
+    x = torch.randn(1, 2, 6, 7, dtype=DT)
+    assert torch.linalg.svdvals(conv_jacobian(layer, x))[0].item() <= 1 + 1e-9
+    layer.t = lambda: _broken_t(broken, layer.weight, layer.q())
+    sv = torch.linalg.svdvals(conv_jacobian(layer, x))[0].item()
+    assert sv > 1.1
+    assert layer.lipschitz_bound() >= sv
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_conv_bound_is_sound_for_any_t_and_the_sized_ratio_is_tighter(seed):
+    """With t lowered at random (a layer that is not 1-Lipschitz) the bound still covers the exact Jacobian;
+    contraction_ratio(size) is at least the exact ||T^-1/2 A||^2 and at most the size-free ratio."""
+    layer = make_conv(3, 3, "large", seed)
+    with torch.no_grad():
+        layer.bias.fill_(1e7)
+    t = layer.t().detach() * (torch.rand(3, dtype=DT) * 0.8 + 0.2)
+    layer.t = lambda: t
+    x = torch.randn(1, 3, 6, 7, dtype=DT)
+    assert layer.lipschitz_bound() >= torch.linalg.svdvals(conv_jacobian(layer, x))[0].item()
+    A = conv_matrix(layer.weight, (6, 7))
+    B = A / t.repeat_interleave(42).sqrt()[:, None]
+    exact = torch.linalg.svdvals(B)[0].item() ** 2
+    assert exact <= layer.contraction_ratio((6, 7)) <= layer.contraction_ratio()
+    assert layer.contraction_ratio((6, 7)) == pytest.approx(exact, rel=0.2)  # circular grid 8x9: close
+
+
+def test_conv_modes_dtypes_and_gradients(device, dtype, ieee):
+    layer = SLLConv2d(3, 4).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.log_q.normal_()
+    x = torch.randn(2, 3, 6, 7, device=device, dtype=dtype)
+    out = layer.train()(x)
+    assert out.shape == x.shape and out.dtype == dtype
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (layer.weight, layer.bias, layer.log_q))
+    with torch.no_grad():
+        assert torch.equal(layer.eval()(x), out.detach())
+    assert 1.0 <= layer.lipschitz_bound() <= 1 + 1e-6
+    sv = torch.linalg.svdvals(conv_jacobian(layer, x[:1]))[0].item()
+    assert sv <= 1 + (1e-5 if dtype == torch.float32 else 1e-9)
+
+
+def test_conv_network_bound_and_bad_inputs():
+    net = nn.Sequential(SLLConv2d(3, 8), SLLConv2d(3, kernel_size=5), nn.Flatten()).to(DT).eval()
+    assert 1.0 <= lipschitz_upper_bound(net) <= 1 + 1e-8
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        net(torch.randn(3, 6, 6, dtype=DT))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        net(torch.randn(1, 4, 6, 6, dtype=DT))
+    with pytest.raises(ValueError, match="odd"):
+        SLLConv2d(3, kernel_size=4)
+    with pytest.raises(ValueError, match="positive"):
+        SLLConv2d(3, 0)
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        sll_conv_t(torch.randn(4, 3, 3, 3), torch.ones(3))
+    with pytest.raises(ValueError, match="kernel"):
+        sll_conv_t(torch.randn(4, 3), torch.ones(4))
