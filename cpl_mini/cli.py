@@ -3,7 +3,9 @@
 Each field becomes one option (``batch_size`` -> ``--batch-size``) with its help, choices and default
 from the field's metadata; booleans are ``--name/--no-name`` pairs, the auto/on/off settings take
 ``auto``, ``on`` or ``off`` (``true``/``false`` too). Adding a field to :class:`TrainConfig` adds its
-option; nothing here needs to change.
+option; nothing here needs to change. Values are checked by :class:`TrainConfig` itself (``--size``
+takes a name or ``20,7,45,2048``, ``(20, 7, 45, 2048)``, ``20x7x45x2048``; ``--model`` a
+``MODULE:FUNCTION``): a bad one is a one-line error, exit status 2.
 """
 
 import argparse
@@ -25,6 +27,10 @@ accuracy and the accuracy certified at l2 radii 36/255, 72/255 and 108/255 (soun
 Running the same command again continues an interrupted run exactly from its last checkpoint; a
 finished run is left as it is. Options marked "identity" must keep their value to continue a run.
 
+Your own network: --model MODULE:FUNCTION names a function config -> nn.Module in your code (e.g.
+--model mynets:make_net with mynets.py in the current folder); the run puts the input normalisation in
+front of it and refuses it before training when cpl_mini.bounds has no sound bound for one of its parts.
+
 Several processes: torchrun --nproc_per_node=N -m cpl_mini.train [options]."""
 
 EPILOG = "exit status: 0 finished or stopped, 2 bad input, 3 the loss diverged (NaN), 130 interrupted"
@@ -34,7 +40,10 @@ _DEFAULT_TEXT = {
     "limit_test": "all",
     "threads": "PyTorch's choice",
     "data_root": "$CPL_MINI_DATA, then the user cache",
+    "model": "none, the CPL network of --size",
 }
+
+_METAVAR = {"out": "DIR", "data_root": "DIR", "size": "NAME|D,DL,C,F", "model": "MODULE:FUNCTION"}
 
 
 class _Switch(argparse.BooleanOptionalAction):
@@ -78,14 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action=_Switch, default=default, help=help_text)
         elif meta.get("choices"):
-            convert = _setting if meta.get("kind") == "switch" else str.upper if field.name == "size" else str
+            convert = _setting if meta.get("kind") == "switch" else str
             bare = {"nargs": "?", "const": "on"} if meta.get("kind") == "switch" else {}  # --compile: on
             parser.add_argument(
                 flag, type=convert, choices=meta["choices"], default=default, help=help_text, **bare
             )
         else:
-            text = "DIR" if field.name in ("out", "data_root") else "TEXT"
-            metavar = {int: "N", float: "X"}.get(kind, text)
+            metavar = {int: "N", float: "X"}.get(kind, _METAVAR.get(field.name, "TEXT"))
             parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=help_text)
     parser.add_argument(
         "--progress", action=_Switch, default=True, help="show progress bars (default: progress)"

@@ -1,4 +1,5 @@
-"""The fast path a machine gets: its CPU, the autocast dtype, and whether ``torch.compile`` pays.
+"""The fast path a machine gets: its CPU, the autocast dtype, whether ``torch.compile`` pays, and the
+set-up of a training process (``process_setup``: device, process group, autocast, memory layout).
 
 The training loop (:mod:`cpl_mini.train`) asks this module three questions about the hardware at hand:
 which CPU it is (:func:`cpu_info`, ``/proc/cpuinfo`` read once), which reduced precision the hardware
@@ -9,11 +10,16 @@ decided from the run's size and its measured eager step time). Certification nev
 it runs in float32 or float64 with sound norms (:mod:`cpl_mini.certify`).
 """
 
+import dataclasses
 import functools
+import os
 import platform
 from typing import Dict, FrozenSet, Optional, Tuple
 
 import torch
+
+from .allocator import tune_cpu_allocator
+from .models import use_channels_last
 
 __all__ = [
     "COMPILE_COST_S",
@@ -24,6 +30,8 @@ __all__ = [
     "autocast_dtype",
     "device_name",
     "compile_decision",
+    "ProcessSetup",
+    "process_setup",
 ]
 
 #: torch.compile's measured cost and gain (AMD EPYC Zen 4 with AVX512-BF16, 2 threads, bf16 autocast):
@@ -91,9 +99,9 @@ def compile_decision(
 ) -> Dict[str, object]:
     """Whether ``torch.compile`` of the step pays for itself in the rest of the run.
 
-    Estimated cost ``8 s + 3.2 s x cpl_layers`` (:data:`COMPILE_COST_S`), expected saving
+    Estimated cost ``8 s + 3.2 s x cpl_layers`` (``COMPILE_COST_S``), expected saving
     ``COMPILE_SAVING x remaining_steps x eager_step_s`` (19 % of the eager time); compile only when the
-    saving is at least twice the cost. Never on MPS, nor when fewer than :data:`COMPILE_MIN_STEPS` (500)
+    saving is at least twice the cost. Never on MPS, nor when fewer than ``COMPILE_MIN_STEPS`` (500)
     steps remain.
     Returns ``{"compile", "reason", "estimated_cost_s", "expected_saving_s", "eager_step_s"}``.
     """
@@ -117,3 +125,51 @@ def compile_decision(
         f"compile cost ~{cost:.0f} s -> {verdict}"
     )
     return out
+
+
+@dataclasses.dataclass
+class ProcessSetup:
+    """Where and how this process trains: device, process group, autocast dtype, memory layout."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    amp_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def process_setup(config) -> ProcessSetup:
+    """Threads, device (checked to exist), allocator, process group (``torchrun`` sets ``WORLD_SIZE``,
+    ``RANK``, ``LOCAL_RANK``), autocast dtype and memory layout for ``config`` (a
+    :class:`~cpl_mini.runs.TrainConfig`)."""
+    from .runs import resolve_device  # late import: the run machinery is above this module
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and config.batch_size % world:
+        raise ValueError(f"batch size {config.batch_size} must be divisible by the {world} processes")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dev = resolve_device(config.device)
+    if dev.type == "cuda" and world > 1 and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
+    if world > 1:
+        import torch.distributed as dist
+
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return ProcessSetup(
+        dev, rank, world, autocast_dtype(dev, config.amp), use_channels_last(config.channels_last, dev)
+    )

@@ -10,6 +10,7 @@ is 1-Lipschitz in evaluation mode, so the whole network is (``lipschitz_upper_bo
 the normalisation's constant when there is one).
 """
 
+import re
 from typing import List, Sequence, Tuple, Union
 
 import torch
@@ -25,7 +26,15 @@ from .layers import (
 )
 from .normalization import InputNormalization
 
-__all__ = ["SIZES", "cpl_network", "count_parameters", "describe", "use_channels_last"]
+__all__ = [
+    "SIZES",
+    "SIZE_FORMS",
+    "parse_size",
+    "cpl_network",
+    "count_parameters",
+    "describe",
+    "use_channels_last",
+]
 
 #: name -> (conv CPL layers, dense CPL layers, channels C, dense inner width). S, M, L and XL are the
 #: paper's sizes (from the authors' code); XS (for tests) and CPU (the book's CPU run) are this package's.
@@ -39,6 +48,50 @@ SIZES = {
     "L": (50, 10, 90, 2048),
     "XL": (70, 15, 120, 2048),
 }
+
+
+#: The spellings of a size that :func:`parse_size` accepts (also the text of its error).
+SIZE_FORMS = (
+    f"a name ({', '.join(SIZES)}) or four whole numbers depth,depth_linear,channels,features "
+    "written 20,7,45,2048 or (20, 7, 45, 2048) or 20x7x45x2048"
+)
+
+
+_SIZE_TEXT = re.compile(r"\(?\s*(\d+)\s*([,x])\s*(\d+)\s*\2\s*(\d+)\s*\2\s*(\d+)\s*\)?")
+
+
+def parse_size(size: Union[str, Sequence[int]]) -> Tuple[str, Tuple[int, int, int, int]]:
+    """``(canonical text, (depth, depth_linear, channels, features))`` of a network size.
+
+    Accepted: a name of :data:`SIZES` (any case: ``"xs"`` -> ``"XS"``), four whole numbers as text
+    (``"20,7,45,2048"``, ``"(20, 7, 45, 2048)"``, ``"20x7x45x2048"``) or as a sequence; the canonical
+    text of numbers is ``"20,7,45,2048"`` (even when they equal a named size). ``depth`` and
+    ``depth_linear`` are >= 0, ``channels`` and ``features`` >= 1. Anything else: ``ValueError`` (one
+    line listing the accepted forms).
+
+    Examples:
+        >>> parse_size("xs")
+        ('XS', (4, 2, 16, 256))
+        >>> parse_size("(20, 7, 45, 2048)")
+        ('20,7,45,2048', (20, 7, 45, 2048))
+    """
+    if isinstance(size, str):
+        text = size.strip()
+        if text.upper() in SIZES:
+            return text.upper(), SIZES[text.upper()]
+        match = _SIZE_TEXT.fullmatch(text.lower())
+        parens = text.startswith("(") == text.endswith(")")
+        values = tuple(int(match.group(i)) for i in (1, 3, 4, 5)) if match and parens else None
+    else:
+        try:
+            values = tuple(size)
+        except TypeError:
+            values = None
+        ok = values is not None and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        values = values if ok else None
+    if values is None or len(values) != 4 or min(values[:2]) < 0 or min(values[2:]) < 1:
+        raise ValueError(f"unknown size {size!r}: give {SIZE_FORMS}")
+    return ",".join(map(str, values)), values
 
 
 def cpl_network(
@@ -58,7 +111,8 @@ def cpl_network(
 
     Args:
         size: ``"XS"``, ``"CPU"``, ``"S"``, ``"M"``, ``"L"``, ``"XL"`` or a tuple
-            ``(depth, depth_linear, channels, features)``.
+            ``(depth, depth_linear, channels, features)``, also as text (:func:`parse_size`:
+            ``"20,7,45,2048"``, ``"(20, 7, 45, 2048)"``, ``"20x7x45x2048"``).
         num_classes: number of logits.
         conv_inner: inner width of the convolutional CPL layers (5 in the paper).
         head: ``"first"`` (first ``num_classes`` coordinates, the paper's default) or ``"lln"``
@@ -68,18 +122,7 @@ def cpl_network(
             raw pixels (its Lipschitz bound then includes ``1 / min(std)``). ``std=None``: subtract only.
         layer_kwargs: passed to every CPL layer (e.g. ``eval_norm="power"``).
     """
-    if isinstance(size, str):
-        key = size.upper()
-        if key not in SIZES:
-            raise ValueError(
-                f"unknown size {size!r}; choose one of {sorted(SIZES)} or give "
-                "(depth, depth_linear, channels, features)"
-            )
-        depth, depth_linear, channels, features = SIZES[key]
-        name = key
-    else:
-        depth, depth_linear, channels, features = (int(v) for v in size)
-        name = f"custom{tuple(size)}"
+    name, (depth, depth_linear, channels, features) = parse_size(size)
     if input_size % pool:
         raise ValueError(f"input_size {input_size} must be divisible by the pool size {pool}")
     if head not in ("first", "lln"):

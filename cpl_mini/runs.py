@@ -6,22 +6,25 @@ A run lives in one folder (``TrainConfig.out``) holding
   atomically (temporary file, ``fsync``, rename, ``fsync`` of the folder) and checked on reading (the
   CRC-32 of every record of the zip archive ``torch.save`` writes, the format tag, ``weights_only``
   unpickling that cannot run code);
-* ``results.json``: the human-readable record (status, configuration, per-epoch history, final
-  certified accuracies, the machine and versions that produced it). A finished run's record is never
-  rewritten.
+* ``results.json``: the human-readable record (status, configuration, network and architecture,
+  per-epoch history, final certified accuracies keyed by their radius as text, ``"36/255"``, the
+  machine and versions that produced it). A finished run's record is never rewritten;
+  :func:`read_results` upgrades the records of earlier versions (``cert_36`` keys).
 
 The fields of :class:`TrainConfig` carry their command-line help and whether they belong to the run's
 *identity*: continuing a run with a different value of an identity field (its size, schedule, data,
 augmentation, ...) is refused, while the fields that only say where or how fast it runs (device,
 threads, compilation, memory layout, evaluation frequency) may change when a run is continued.
-:func:`load_run_model` rebuilds the trained network from the checkpoint alone: the input
-normalisation's statistics travel in its ``state_dict``.
+:func:`load_run_model` rebuilds the trained network from the checkpoint alone (the input
+normalisation's statistics travel in its ``state_dict``); a run of your own network
+(:mod:`cpl_mini.custom`) needs your ``model=`` again: a checkpoint never names code to import.
 """
 
 import dataclasses
 import json
 import os
 import pathlib
+import re
 import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -30,7 +33,8 @@ import torch.nn as nn
 
 from . import __version__
 from .allocator import tune_cpu_allocator
-from .models import SIZES, cpl_network, use_channels_last
+from .custom import MODEL_SPEC, ModelArg, architecture, architecture_difference, own_network
+from .models import SIZES, cpl_network, parse_size, use_channels_last
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -46,6 +50,9 @@ __all__ = [
     "load_model_state",
     "write_results",
     "read_results",
+    "upgrade_record",
+    "rng_state",
+    "restore_rng_state",
     "load_run_model",
 ]
 
@@ -91,7 +98,17 @@ class TrainConfig:
 
     dataset: str = _field("cifar10", "data set", identity=True, choices=("cifar10", "cifar100"))
     size: str = _field(
-        "S", "network size (cpl_mini.models.SIZES): " + ", ".join(SIZES), identity=True, choices=tuple(SIZES)
+        "S",
+        "network size: a name of cpl_mini.models.SIZES (" + ", ".join(SIZES) + ") or four numbers "
+        "depth,depth_linear,channels,features as 20,7,45,2048, (20, 7, 45, 2048) or 20x7x45x2048; "
+        "not used with --model",
+        identity=True,
+    )
+    model: Optional[str] = _field(
+        None,
+        "your own network instead of a CPL one: MODULE:FUNCTION names a function config -> nn.Module in "
+        "your code (e.g. mynets:make_net), called after seeding; it receives normalised pictures",
+        identity=True,
     )
     epochs: int = _field(10, "number of epochs, at least 1", identity=True)
     batch_size: int = _field(256, "global batch size (all processes together)", identity=True)
@@ -146,7 +163,13 @@ class TrainConfig:
     def __post_init__(self):
         self.channels_last = _switch(self.channels_last, "channels_last")
         self.compile = _switch(self.compile, "compile")
-        self.size = str(self.size).upper()
+        self.size, (_, _, channels, _) = parse_size(self.size)
+        if channels < 3:
+            raise ValueError(
+                f"size {self.size}: the channels ({channels}) must be >= the pictures' 3 channels"
+            )
+        if self.model is not None and not (isinstance(self.model, str) and MODEL_SPEC.fullmatch(self.model)):
+            raise ValueError(f"model must be MODULE:FUNCTION (e.g. mynets:make_net), got {self.model!r}")
         for f in dataclasses.fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value not in choices:
@@ -250,14 +273,21 @@ def resolve_device(setting: Union[str, torch.device, None] = "auto") -> torch.de
 
 
 def run_network(
-    config: TrainConfig, mean: Optional[torch.Tensor] = None, std: Optional[torch.Tensor] = None
+    config: TrainConfig,
+    mean: Optional[torch.Tensor] = None,
+    std: Optional[torch.Tensor] = None,
+    model: Optional[ModelArg] = None,
 ) -> nn.Sequential:
-    """The network of a run: ``cpl_network`` with an input normalisation as its first layer.
+    """The network of a run, an input normalisation as its first layer, so that it takes raw ``[0, 1]``
+    pixels: ``cpl_network(config.size, ...)``, or with ``model`` (an ``nn.Module`` or a factory
+    ``model(config)``) :func:`cpl_mini.custom.own_network`, ``nn.Sequential(normalisation, net)``.
 
     ``mean``/``std`` are the per-channel statistics of the training pictures (``std`` only used with
     ``config.std_normalize``); when omitted, placeholders of the right shape are used, to be
     overwritten by a checkpoint's ``state_dict`` (:func:`load_model_state`).
     """
+    if model is not None:
+        return own_network(model, config, mean, std)
     mean = torch.zeros(3) if mean is None else mean
     std = (torch.ones(3) if std is None else std) if config.std_normalize else None
     return cpl_network(config.size, num_classes=config.num_classes, head=config.head, mean=mean, std=std)
@@ -326,26 +356,32 @@ def save_checkpoint(
     history: List[dict],
     step: int,
     scaler: Optional["torch.amp.GradScaler"] = None,
+    rng: Optional[List[Dict[str, Any]]] = None,
 ) -> None:
     """Write the checkpoint of a run after ``epoch`` epochs (``step`` optimisation steps), atomically.
 
     Format ``cpl_mini-checkpoint-v2``: ``format``, ``version`` (cpl_mini), ``config`` (the
     :class:`TrainConfig` as a dict), ``model_config`` (``model.config``: the network's shape, classes,
-    head and input normalisation), ``epoch``, ``step``, ``model`` (``state_dict``, normalisation
-    statistics included), ``optimizer``, ``scaler`` (the fp16 gradient scaler's state, or ``None``),
-    ``history`` (one dict per epoch).
+    head and input normalisation), ``architecture`` (:func:`~cpl_mini.architecture`: class name,
+    names and shapes of the parameters and buffers), ``epoch``, ``step``, ``model`` (``state_dict``,
+    normalisation statistics included), ``optimizer``, ``scaler`` (the fp16 gradient scaler's state, or
+    ``None``), ``rng`` (``None`` or one ``rng_state`` per process, for layers that draw random
+    numbers, such as dropout), ``history`` (one dict per epoch). Readers accept checkpoints without
+    ``architecture`` or ``rng`` (earlier versions).
     """
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": __version__,
         "config": dataclasses.asdict(config),
         "model_config": getattr(model, "config", None),
+        "architecture": architecture(model),
         "epoch": int(epoch),
         "step": int(step),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "history": history,
+        "rng": rng,
     }
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -393,7 +429,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None]
 def load_model_state(model: nn.Module, checkpoint: Dict[str, Any], source: str = "the checkpoint") -> None:
     """Load ``checkpoint["model"]`` into ``model`` after checking that both describe the same network
     (``model.config`` against ``checkpoint["model_config"]``: shape, number of classes, head, input
-    normalisation); ``CheckpointError`` naming the first difference otherwise."""
+    normalisation; then the architectures' fingerprints, :func:`~cpl_mini.architecture`);
+    ``CheckpointError`` naming the first difference otherwise."""
     saved, have = checkpoint.get("model_config"), getattr(model, "config", None)
     if saved is not None and have is not None:
         for key in sorted(set(saved) | set(have)):
@@ -403,6 +440,13 @@ def load_model_state(model: nn.Module, checkpoint: Dict[str, Any], source: str =
                     f"{key}={have.get(key)!r}; build it with the checkpoint's settings "
                     "(cpl_mini.runs.load_run_model does)."
                 )
+    saved_architecture = checkpoint.get("architecture")
+    difference = saved_architecture and architecture_difference(saved_architecture, architecture(model))
+    if difference:
+        raise CheckpointError(
+            f"{source} holds another architecture: it has {difference}; continue or load it with the "
+            "network it was trained with (the same model factory and settings)."
+        )
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
@@ -416,11 +460,72 @@ def write_results(path: PathLike, results: Dict[str, Any]) -> None:
 
 
 def read_results(path: PathLike) -> Optional[Dict[str, Any]]:
-    """A run's record, or ``None`` when the file is missing or unreadable."""
+    """A run's record (:func:`upgrade_record`: in this version's form), or ``None`` when the file is
+    missing or unreadable."""
     try:
-        return json.loads(pathlib.Path(path).read_text())
+        record = json.loads(pathlib.Path(path).read_text())
     except (OSError, ValueError):
         return None
+    return upgrade_record(record) if isinstance(record, dict) else None
+
+
+_OLD_CERT_KEY = re.compile(r"cert_(\d+)")
+
+
+def _upgrade_entry(entry: Any) -> Any:
+    if not isinstance(entry, dict):
+        return entry
+    out, certified = {}, dict(entry.get("certified") or {})
+    for key, value in entry.items():
+        match = _OLD_CERT_KEY.fullmatch(key)
+        if match:
+            certified.setdefault(f"{match.group(1)}/255", value)
+        elif key != "certified":
+            out[key] = value
+    if certified:
+        out["certified"] = certified
+    return out
+
+
+def upgrade_record(record: Dict[str, Any]) -> Dict[str, Any]:
+    """A ``results.json`` record in this version's form (a new dict; ``record`` is not changed).
+
+    Earlier versions keyed the certified accuracies of each history entry and of ``final`` as
+    ``cert_36``, ``cert_72``, ``cert_108`` (the radius times 255); they become
+    ``certified = {"36/255": ..., "72/255": ..., "108/255": ...}``, the keys files use for radii
+    (Python dicts, such as :func:`cpl_mini.certify.certified_accuracy`'s, use the float radii).
+    """
+    out = dict(record)
+    if isinstance(out.get("history"), list):
+        out["history"] = [_upgrade_entry(h) for h in out["history"]]
+    if out.get("final") is not None:
+        out["final"] = _upgrade_entry(out["final"])
+    return out
+
+
+def rng_state(device: Union[str, torch.device]) -> Dict[str, Any]:
+    """The global random generators' states this process trains with: ``{"cpu": ByteTensor, "cuda":
+    ByteTensor or None}`` (the CUDA generator of ``device`` when it is a GPU)."""
+    device = torch.device(device)
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng_state(state: Dict[str, Any], device: Union[str, torch.device]) -> None:
+    """Set the global random generators back to an ``rng_state`` (the CUDA one when both are GPUs)."""
+    device = torch.device(device)
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _custom_run_error(path: pathlib.Path, state: Dict[str, Any], config: TrainConfig) -> ValueError:
+    label = (state.get("model_config") or {}).get("network", "your own network")
+    named = f" (trained with --model {config.model})" if config.model else ""
+    return ValueError(
+        f"{path} holds {label}{named}: pass model= (the factory config -> nn.Module it was trained with, "
+        "or an instance of that network) to load it; code named in a checkpoint is never imported"
+    )
 
 
 def load_run_model(
@@ -429,6 +534,7 @@ def load_run_model(
     device: Union[str, torch.device, None] = None,
     limit_test: Optional[int] = None,
     data=None,
+    model: Optional[ModelArg] = None,
 ) -> Tuple[nn.Sequential, Any, TrainConfig]:
     """``(model, test_loader, config)`` from a run folder, ready to certify.
 
@@ -436,6 +542,9 @@ def load_run_model(
     normalisation included, so it takes raw ``[0, 1]`` pixels and gives the same logits whatever copy
     of CIFAR is present; ``test_loader`` yields raw pixels of the test split (the first ``limit_test``
     images when given, else the run's own limit). ``data``: an already loaded ``CifarData``.
+    A run of your own network needs ``model``, the factory ``model(config) -> nn.Module`` it was trained
+    with or an instance of it (``ValueError`` without it: nothing named in a checkpoint is imported);
+    its architecture is checked against the checkpoint's (``CheckpointError``).
     """
     from .cifar import load_cifar
 
@@ -448,12 +557,15 @@ def load_run_model(
     dev = resolve_device(device)
     if dev.type == "cpu":
         tune_cpu_allocator()
-    model = run_network(config)
-    load_model_state(model, state, source=str(path))
-    model.to(dev).eval()
+    custom = config.model is not None or "class" in (state.get("model_config") or {})
+    if custom and model is None:
+        raise _custom_run_error(path, state, config)
+    net = run_network(config, model=model)
+    load_model_state(net, state, source=str(path))
+    net.to(dev).eval()
     channels_last = use_channels_last(config.channels_last, dev)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)
     if data is None:
         data = load_cifar(config.dataset, root=data_root or config.data_root)
     if data.num_classes != config.num_classes:
@@ -462,4 +574,4 @@ def load_run_model(
             f"the data given has {data.num_classes} classes"
         )
     _, test_loader = run_loaders(data, config, dev, channels_last)
-    return model, test_loader, config
+    return net, test_loader, config

@@ -7,6 +7,12 @@ reflect-padded random crops and horizontal flips (on the device). The network ta
 pixels: its first layer subtracts the per-channel mean of the training pictures (and divides by their
 std with ``std_normalize``), so the statistics travel with the weights and the certificate includes them.
 
+Your own network: ``train(config, model=factory)`` with a factory ``factory(config) -> nn.Module``
+(called after seeding: a reproducible initialisation, rebuilt on an exact resume) or an ``nn.Module``;
+the run puts the same input normalisation in front of it, checks once before training that it can be
+certified, and records its architecture (:mod:`cpl_mini.custom`). Command line: ``--model
+MODULE:FUNCTION``.
+
 A run, step by step (:func:`train`): set-up (device, autocast dtype, processes); continue the run folder's
 checkpoint when there is one (a finished run is returned as recorded, nothing rewritten); epochs of
 optimisation steps, each returning its mean loss reduced over all processes; after each epoch the
@@ -28,7 +34,6 @@ process takes its shard of every global batch). Command line: ``python -m cpl_mi
 import contextlib
 import dataclasses
 import math
-import os
 import pathlib
 import platform
 import statistics
@@ -42,10 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
-from .allocator import tune_cpu_allocator
-from .certify import DEFAULT_EPS, certified_accuracy
-from .fastpath import autocast_dtype, compile_decision, cpu_info, device_name
-from .models import count_parameters, use_channels_last
+from .certify import DEFAULT_EPS, certified_accuracy, eps_label
+from .custom import ModelArg, architecture, check_certifiable, import_factory, network_label
+from .fastpath import ProcessSetup, autocast_dtype, compile_decision, cpu_info, device_name, process_setup
+from .models import count_parameters
 from .runs import (  # noqa: F401  (book_config, load_run_model: re-exported, they lived here before)
     CheckpointError,
     TrainConfig,
@@ -56,6 +61,8 @@ from .runs import (  # noqa: F401  (book_config, load_run_model: re-exported, th
     load_run_model,
     read_results,
     resolve_device,
+    restore_rng_state,
+    rng_state,
     run_loaders,
     run_network,
     save_checkpoint,
@@ -93,51 +100,6 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float = 0.7)
 
 
 # -- set-up ------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Setup:
-    """Where and how this process trains: device, process group, autocast dtype, memory layout."""
-
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    amp_dtype: Optional[torch.dtype] = None
-    channels_last: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _set_up(config: TrainConfig) -> _Setup:
-    """Threads, device (checked to exist), allocator, process group (``torchrun`` sets ``WORLD_SIZE``,
-    ``RANK``, ``LOCAL_RANK``), autocast dtype and memory layout for ``config``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and config.batch_size % world:
-        raise ValueError(f"batch size {config.batch_size} must be divisible by the {world} processes")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    dev = resolve_device(config.device)
-    if dev.type == "cuda" and world > 1 and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    if dev.type == "cpu":
-        tune_cpu_allocator()
-    if world > 1:
-        import torch.distributed as dist
-
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return _Setup(
-        dev, rank, world, autocast_dtype(dev, config.amp), use_channels_last(config.channels_last, dev)
-    )
-
-
 def _check_data(data, config: TrainConfig) -> None:
     """Labels in ``[0, num_classes)`` (checked once per split) and at least one full training batch."""
     k = config.num_classes
@@ -197,7 +159,7 @@ def make_train_step(
 @dataclasses.dataclass
 class _Run:
     config: TrainConfig
-    setup: _Setup
+    setup: ProcessSetup
     model: nn.Sequential
     optimizer: torch.optim.Optimizer
     scaler: Optional["torch.amp.GradScaler"]
@@ -216,12 +178,23 @@ class _Run:
 
     @property
     def cpl_layers(self) -> int:
-        return self.model.config["depth"] + self.model.config["depth_linear"]
+        """The layers the compile cost grows with: the CPL layers, or your network's modules with weights."""
+        cfg = self.model.config
+        if "depth" in cfg:
+            return cfg["depth"] + cfg["depth_linear"]
+        return sum(1 for m in self.model.modules() if next(m.parameters(recurse=False), None) is not None)
 
 
-def _build(config: TrainConfig, setup: _Setup, data, state: Optional[dict], out: pathlib.Path) -> _Run:
-    """Data, network (normalisation statistics from the training pictures), optimiser, scaler, loaders,
-    step; then the checkpoint's state when continuing."""
+def _build(
+    config: TrainConfig,
+    setup: ProcessSetup,
+    data,
+    state: Optional[dict],
+    out: pathlib.Path,
+    own: Optional[ModelArg],
+) -> _Run:
+    """Data, network (normalisation statistics from the training pictures; your own ``own`` checked to be
+    certifiable), optimiser, scaler, loaders, step; then the checkpoint's state when continuing."""
     from .cifar import load_cifar
     from .loader import channel_stats
 
@@ -232,7 +205,9 @@ def _build(config: TrainConfig, setup: _Setup, data, state: Optional[dict], out:
     torch.manual_seed(config.seed)
     # the statistics of the training pictures; a checkpoint brings its own (placeholders until loaded)
     mean, std = (None, None) if state is not None else channel_stats(data.train_images)
-    model = run_network(config, mean, std).to(dev)
+    model = run_network(config, mean, std, model=own).to(dev)
+    if own is not None:
+        check_certifiable(model, config.num_classes, tuple(data.train_images.shape[1:]))
     if setup.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -264,8 +239,12 @@ def _build(config: TrainConfig, setup: _Setup, data, state: Optional[dict], out:
 
 
 def _resume(run: _Run, state: dict) -> None:
-    """Weights (normalisation statistics included), optimiser, gradient scaler, history, step counter."""
+    """Weights (normalisation statistics included; the architecture checked), optimiser, gradient scaler,
+    this process's random generators (when the checkpoint has one state per process), history, step."""
     load_model_state(run.model, state, source=str(run.ckpt_path))
+    rng = state.get("rng")
+    if rng and len(rng) == run.setup.world:
+        restore_rng_state(rng[run.setup.rank], run.setup.device)
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
@@ -318,7 +297,7 @@ def _observe_step(run: _Run, seconds: float, log: Callable) -> None:
 
 
 # -- one epoch ---------------------------------------------------------------------------------------
-def _reduced_mean(total: torch.Tensor, count: int, setup: _Setup) -> float:
+def _reduced_mean(total: torch.Tensor, count: int, setup: ProcessSetup) -> float:
     """The mean loss over the steps so far, averaged over all processes (the same value everywhere)."""
     mean = total / max(count, 1)
     if setup.distributed:
@@ -382,13 +361,9 @@ def _evaluate(run: _Run) -> Dict[str, float]:
     res = certified_accuracy(run.model, loader, eps=DEFAULT_EPS, input_lipschitz=1.0)
     radii = res["radii"]
     if sharded:
-        import torch.distributed as dist
-
-        parts = [None] * setup.world
-        dist.all_gather_object(parts, radii)
-        radii = torch.cat(parts)
+        radii = torch.cat(_gathered(radii, setup))
     entry = {"clean_acc": (radii > 0).float().mean().item()}
-    entry.update({f"cert_{round(e * 255)}": (radii > e).float().mean().item() for e in DEFAULT_EPS})
+    entry["certified"] = {eps_label(e): (radii > e).float().mean().item() for e in DEFAULT_EPS}
     entry.update(eval_images=int(radii.numel()), lipschitz=float(res["lipschitz"]))
     return entry
 
@@ -408,19 +383,29 @@ def _end_of_epoch(run: _Run, epoch: int, loss: float, seconds: float, log: Calla
         entry["eval_seconds"] = time.time() - te
     entry["seconds"] = seconds + entry.get("eval_seconds", 0.0)
     run.history.append(entry)
+    rng = _gathered(rng_state(run.setup.device), run.setup)
     if not run.setup.is_main:
         return
     save_checkpoint(
-        run.ckpt_path, run.model, run.optimizer, epoch + 1, config, run.history, run.step, run.scaler
+        run.ckpt_path, run.model, run.optimizer, epoch + 1, config, run.history, run.step, run.scaler, rng
     )
     write_results(run.results_path, _record(run, "running"))
     msg = f"epoch {epoch + 1}/{config.epochs}: loss {loss:.4f}"
     if "clean_acc" in entry:
-        msg += (
-            f" | clean {100 * entry['clean_acc']:.2f}% | certified 36/255 {100 * entry['cert_36']:.2f}%"
-            f" 72/255 {100 * entry['cert_72']:.2f}% 108/255 {100 * entry['cert_108']:.2f}%"
-        )
+        certified = " ".join(f"{k} {100 * v:.2f}%" for k, v in entry["certified"].items())
+        msg += f" | clean {100 * entry['clean_acc']:.2f}% | certified {certified}"
     log(msg + f" | {entry['seconds']:.0f} s")
+
+
+def _gathered(value: object, setup: ProcessSetup) -> List[object]:
+    """``[value of process 0, value of process 1, ...]`` (every process takes part)."""
+    if not setup.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    parts = [None] * setup.world
+    dist.all_gather_object(parts, value)
+    return parts
 
 
 def _record(run: _Run, status: str, message: Optional[str] = None) -> Dict[str, object]:
@@ -428,11 +413,13 @@ def _record(run: _Run, status: str, message: Optional[str] = None) -> Dict[str, 
     history, dev = run.history, run.setup.device
     final = None
     if history and "clean_acc" in history[-1]:
-        final = {k: history[-1][k] for k in ("clean_acc", "cert_36", "cert_72", "cert_108")}
+        final = {k: history[-1][k] for k in ("clean_acc", "certified")}
     return {
         "status": status,
         "message": message,
         "config": dataclasses.asdict(run.config),
+        "network": network_label(run.model),
+        "architecture": architecture(run.model),
         "cpl_mini_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
@@ -472,23 +459,35 @@ def train(
     progress: bool = True,
     log: Callable = print,
     stop_after_epoch: Optional[int] = None,
+    model: Optional[ModelArg] = None,
 ) -> Dict[str, object]:
     """Run or continue a training run; returns the record also written to ``results.json``.
 
     Args:
         config: a :class:`~cpl_mini.runs.TrainConfig`. If ``config.out`` holds a checkpoint, the run
-            continues from it exactly (its identity fields must match, else ``CheckpointError``); a
-            finished run returns its stored record and writes nothing.
+            continues from it exactly (its identity fields and architecture must match, else
+            ``CheckpointError``); a finished run returns its stored record and writes nothing.
         data: an optional already loaded :class:`cpl_mini.cifar.CifarData` (else read from
             ``config.data_root``).
         progress: show progress bars.
         log: where the messages go (``print``).
         stop_after_epoch: stop (status ``"stopped"``) once this epoch is done; calling ``train`` again
-            with the same config continues exactly.
+            with the same config (and ``model``) continues exactly.
+        model: your own network instead of ``cpl_network(config.size)``: a factory
+            ``model(config) -> nn.Module`` (preferred: called after ``torch.manual_seed(config.seed)``) or
+            an ``nn.Module``. It receives normalised pictures ``(N, 3, 32, 32)``, must return
+            ``(N, num_classes)`` logits and be certifiable (``cpl_mini.bounds``), checked before
+            training (``ValueError``). ``config.model`` (``--model``) only records the factory's name;
+            ``train`` never imports it.
     Status in the record: ``finished``, ``stopped``, ``nan`` (the loss diverged), ``interrupted``
     (``KeyboardInterrupt``) or ``failed`` (another exception); both re-raised once the record is written.
     """
-    setup = _set_up(config)
+    if config.model is not None and model is None:
+        raise ValueError(
+            f"config.model is {config.model!r}: pass the factory itself as model= (train imports no code; "
+            "the command line's --model does)"
+        )
+    setup = process_setup(config)
     out = pathlib.Path(config.out)
     ckpt_path, results_path = out / "checkpoint.pt", out / "results.json"
     state = None
@@ -500,7 +499,7 @@ def train(
             if setup.is_main:
                 log(f"{out}: the run is finished; its record is returned unchanged")
             return stored
-    run = _build(config, setup, data, state, out)
+    run = _build(config, setup, data, state, out, model)
     if state is not None and setup.is_main:
         log(f"continuing {out} from epoch {run.start_epoch}")
     try:
@@ -510,18 +509,9 @@ def train(
             done = run.history[-1]["epoch"] if run.history else 0
             interrupted = isinstance(exc, KeyboardInterrupt)
             what = "interrupted" if interrupted else f"failed ({type(exc).__name__}: {exc})"
-            write_results(
-                results_path,
-                _record(
-                    run,
-                    "interrupted" if interrupted else "failed",
-                    (
-                        f"{what} after {done} complete epoch(s); run the same command again to continue "
-                        "from the "
-                        "last checkpoint"
-                    ),
-                ),
-            )
+            message = f"{what} after {done} complete epoch(s); run the same command again to continue"
+            message += " from the last checkpoint"
+            write_results(results_path, _record(run, "interrupted" if interrupted else "failed", message))
         raise
 
 
@@ -529,10 +519,9 @@ def _train_epochs(run: _Run, progress: bool, log: Callable, stop_after_epoch: Op
     config, setup = run.config, run.setup
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     if setup.is_main and run.start_epoch < last_epoch:
-        model_cfg = run.model.config
         amp = str(setup.amp_dtype).replace("torch.", "") if setup.amp_dtype else "off"
         log(
-            f"training CPL-{model_cfg['size']} ({count_parameters(run.model) / 1e6:.1f}M parameters) on "
+            f"training {network_label(run.model)} ({count_parameters(run.model) / 1e6:.1f}M parameters) on "
             f"{setup.device.type} [{device_name(setup.device)}], {run.train_loader.num_examples} train "
             f"images, batch {config.batch_size}, {config.epochs} epochs, autocast {amp}, "
             f"channels_last {setup.channels_last}"
@@ -568,7 +557,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     config, progress = parse_train_args(argv)
     try:
-        results = train(config, progress=progress)
+        model = import_factory(config.model) if config.model else None  # named by the user's command line
+        results = train(config, progress=progress, model=model)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

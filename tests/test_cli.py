@@ -2,8 +2,10 @@
 boolean convention, bad values, the end-to-end run and its certification."""
 
 import dataclasses
+import importlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -13,6 +15,12 @@ import torch
 from cpl_mini.cli import build_parser, parse_train_args
 from cpl_mini.runs import TrainConfig
 from cpl_mini.train import main
+
+# ``cpl_mini.train`` is also the name of the function in the package's flat API: take the module itself.
+train_mod = importlib.import_module("cpl_mini.train")
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ddp_worker import synthetic  # noqa: E402
 
 
 def test_every_config_field_is_an_option_with_help_and_its_default():
@@ -77,6 +85,77 @@ def test_bad_values_exit_2_with_one_line_and_no_folder(argv, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("python -m cpl_mini.train: error:") and "Traceback" not in "".join(err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("XS", "XS"),
+        ("xs", "XS"),
+        ("20,7,45,2048", "20,7,45,2048"),
+        ("(20, 7, 45, 2048)", "20,7,45,2048"),
+        ("20x7x45x2048", "20,7,45,2048"),
+    ],
+)
+def test_size_takes_a_name_or_the_four_numbers_the_docs_promise(text, canonical):
+    assert parse_train_args(["--size", text])[0].size == canonical
+
+
+@pytest.mark.parametrize("text", ["20,7,45", "20;7;45;2048", "(20,7,45,2048", "XXL", "1,1,0,8"])
+def test_a_bad_size_spelling_is_one_line_listing_the_accepted_forms(text, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--size", text, "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("python -m cpl_mini.train: error: unknown size")
+    assert "XS, CPU, S, M, L, XL" in last and "20,7,45,2048 or (20, 7, 45, 2048) or 20x7x45x2048" in last
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_imports_the_factory_the_command_line_names(tmp_path, monkeypatch):
+    (tmp_path / "cli_nets.py").write_text(
+        "import torch.nn as nn\n"
+        "def make_net(config):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3072, config.num_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = {}
+
+    def fake_train(config, progress=True, model=None, **kwargs):
+        seen.update(config=config, model=model)
+        return {"status": "finished"}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    assert main(["--model", "cli_nets:make_net", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert seen["config"].model == "cli_nets:make_net"
+    assert seen["model"] is sys.modules["cli_nets"].make_net
+    assert main(["--out", str(tmp_path / "run")]) == 0 and seen["model"] is None  # the CPL network
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_nets_module:make_net", "no module 'no_such_nets_module'"),
+        ("json:make_net", "has no 'make_net'"),
+    ],
+)
+def test_a_model_that_cannot_be_imported_is_a_one_line_error(spec, message, tmp_path, capsys):
+    assert main(["--model", spec, "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --model") and message in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_few_training_images_says_which_flags_to_change(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("cpl_mini.cifar.load_cifar", lambda *a, **k: synthetic(n_train=128, n_test=16))
+    out = tmp_path / "run"
+    assert main(["--size", "XS", "--limit-train", "100", "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --limit-train 100 leaves 100 training images")
+    assert "use --limit-train 256 or more, or a smaller --batch-size" in err[0] and "drop_last" not in err[0]
+    flags = {a for action in build_parser()._actions for a in action.option_strings}
+    assert {"--limit-train", "--batch-size"} <= flags
     assert not out.exists()
 
 

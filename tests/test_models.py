@@ -6,7 +6,7 @@ import torch
 
 from cpl_mini.layers import lipschitz_upper_bound
 from cpl_mini.lipschitz import random_pairs_lower_bound
-from cpl_mini.models import SIZES, count_parameters, cpl_network, describe, use_channels_last
+from cpl_mini.models import SIZES, count_parameters, cpl_network, describe, parse_size, use_channels_last
 from cpl_mini.normalization import InputNormalization
 
 
@@ -39,6 +39,42 @@ def test_describe_and_errors():
         cpl_network("XXL")
     with pytest.raises(ValueError, match="head"):
         cpl_network("XS", head="softmax")
+
+
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ("S", ("S", (20, 7, 45, 2048))),
+        ("xl", ("XL", (70, 15, 120, 2048))),
+        ("20,7,45,2048", ("20,7,45,2048", (20, 7, 45, 2048))),
+        (" ( 2, 0, 8, 32 ) ", ("2,0,8,32", (2, 0, 8, 32))),
+        ("2X1x8x32", ("2,1,8,32", (2, 1, 8, 32))),
+        ((2, 1, 8, 32), ("2,1,8,32", (2, 1, 8, 32))),
+    ],
+)
+def test_parse_size_accepts_names_and_the_four_numbers(size, expected):
+    assert parse_size(size) == expected
+
+
+@pytest.mark.parametrize(
+    "size",
+    ["XXL", "2,1,8", "2,1,8,32,5", "2;1;8;32", "(2,1,8,32", "2,1x8,32", "-1,1,8,32", (2, 1, 8.0, 32), 7],
+)
+def test_parse_size_refuses_other_spellings_in_one_line(size):
+    with pytest.raises(ValueError, match="unknown size") as err:
+        parse_size(size)
+    assert len(str(err.value).splitlines()) == 1 and "20x7x45x2048" in str(err.value)
+
+
+def test_a_size_as_text_builds_the_same_network_as_the_tuple():
+    torch.manual_seed(0)
+    a = cpl_network("(2, 1, 8, 32)", input_size=8)
+    torch.manual_seed(0)
+    b = cpl_network((2, 1, 8, 32), input_size=8)
+    assert a.config == b.config and a.config["size"] == "2,1,8,32"
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert cpl_network("xs").config["size"] == "XS"
 
 
 def test_input_normalization_is_the_first_layer_and_enters_the_bound():

@@ -2,6 +2,7 @@
 input normalisation."""
 
 import dataclasses
+import json
 import os
 import pathlib
 import stat
@@ -12,9 +13,12 @@ from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn as nn
 
+from cpl_mini.bounds import lipschitz_upper_bound
 from cpl_mini.certify import certified_accuracy
 from cpl_mini.cifar import CifarData
+from cpl_mini.layers import ChannelPad, ConvexPotentialConv2d, FirstCoordinates, LipschitzAvgPool2d
 from cpl_mini.loader import channel_stats
 from cpl_mini.models import cpl_network
 from cpl_mini.normalization import InputNormalization
@@ -27,8 +31,10 @@ from cpl_mini.runs import (
     load_checkpoint,
     load_model_state,
     load_run_model,
+    read_results,
     run_network,
     save_checkpoint,
+    upgrade_record,
 )
 from cpl_mini.train import train
 
@@ -139,6 +145,7 @@ def test_identity_fields_are_exactly_those_that_change_the_run():
     assert set(identity_fields()) == {
         "dataset",
         "size",
+        "model",
         "epochs",
         "batch_size",
         "lr",
@@ -169,6 +176,7 @@ def test_identity_fields_are_exactly_those_that_change_the_run():
         ("size", "S"),
         ("batch_size", 128),
         ("epochs", 3),
+        ("model", "mynets:make_net"),
     ],
 )
 def test_continuing_with_another_identity_value_names_the_field(name, value):
@@ -211,6 +219,42 @@ def test_where_and_how_fast_may_change_when_a_run_is_continued():
 def test_config_refuses_values_that_cannot_make_a_run(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    "size, canonical",
+    [
+        ("xs", "XS"),
+        ("CPU", "CPU"),
+        ("20,7,45,2048", "20,7,45,2048"),
+        ("(20, 7, 45, 2048)", "20,7,45,2048"),
+        ("20x7x45x2048", "20,7,45,2048"),
+        ((4, 2, 16, 256), "4,2,16,256"),
+    ],
+)
+def test_config_stores_one_spelling_of_a_size(size, canonical):
+    assert TrainConfig(size=size).size == canonical
+    assert TrainConfig.from_dict(dataclasses.asdict(TrainConfig(size=size))).size == canonical
+
+
+def test_a_size_given_by_its_numbers_builds_that_network():
+    net = run_network(TrainConfig(size="(3, 1, 8, 64)"))
+    assert sum(isinstance(m, ConvexPotentialConv2d) for m in net) == 3 and net.config["size"] == "3,1,8,64"
+    assert net.config["channels"] == 8 and net.config["features"] == 64 and net.config["depth_linear"] == 1
+
+
+@pytest.mark.parametrize(
+    "size", ["20,7,45", "20;7;45;2048", "(20,7,45,2048", "20,7x45,2048", "1,1,0,8", "XXL"]
+)
+def test_a_bad_size_is_one_line_listing_the_forms(size):
+    with pytest.raises(ValueError, match=r"20,7,45,2048 or \(20, 7, 45, 2048\) or 20x7x45x2048") as err:
+        TrainConfig(size=size)
+    assert len(str(err.value).splitlines()) == 1 and "XS, CPU, S, M, L, XL" in str(err.value)
+
+
+def test_a_size_with_fewer_channels_than_the_pictures_is_refused():
+    with pytest.raises(ValueError, match=r"size 1,1,2,8: the channels \(2\) must be >= the pictures' 3"):
+        TrainConfig(size="1,1,2,8")
 
 
 def test_config_normalises_its_switches():
@@ -270,3 +314,110 @@ def test_a_model_trained_with_std_normalize_certifies_with_bound_one_over_min_st
     res = certified_accuracy(model, loader, input_lipschitz=1.0)
     assert Fraction(res["lipschitz"]) >= exact and res["lipschitz"] == pytest.approx(float(exact), rel=1e-12)
     assert results["history"][-1]["lipschitz"] == res["lipschitz"]  # the training pipeline's bound too
+
+
+# -- records of earlier versions ------------------------------------------------------------------------
+def _old_record():
+    entry = {"epoch": 1, "loss": 0.5, "clean_acc": 0.4, "cert_36": 0.3, "cert_72": 0.2, "cert_108": 0.1}
+    return {
+        "status": "finished",
+        "history": [{"epoch": 1, "loss": 0.6}, entry],
+        "final": {"clean_acc": 0.4, "cert_36": 0.3, "cert_72": 0.2, "cert_108": 0.1},
+        "config": {"size": "XS"},
+    }
+
+
+def test_read_results_upgrades_the_cert_keys_of_earlier_versions(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_old_record()))
+    record = read_results(path)
+    certified = {"36/255": 0.3, "72/255": 0.2, "108/255": 0.1}
+    assert record["final"] == {"clean_acc": 0.4, "certified": certified}
+    assert record["history"] == [
+        {"epoch": 1, "loss": 0.6},
+        {"epoch": 1, "loss": 0.5, "clean_acc": 0.4, "certified": certified},
+    ]
+    assert record["config"] == {"size": "XS"} and record["status"] == "finished"
+    assert json.loads(path.read_text()) == _old_record()  # the file itself is left as it is
+    assert upgrade_record(record) == record  # a record of this version stays as it is
+    assert read_results(tmp_path / "missing.json") is None
+
+
+def test_the_books_committed_records_still_read():
+    for path in sorted((HERE.parent / "book" / "results").glob("*.json")):
+        raw, record = json.loads(path.read_text()), read_results(path)
+        old = raw["final"].get("cert_36", raw["final"].get("certified", {}).get("36/255"))
+        assert record["final"]["certified"]["36/255"] == old, path.name
+        assert not any(k.startswith("cert_") for h in record["history"] for k in h), path.name
+
+
+# -- your own network ----------------------------------------------------------------------------------
+class SmallNet(nn.Module):
+    def __init__(self, num_classes=10, channels=6):
+        super().__init__()
+        self.body = nn.Sequential(
+            ChannelPad(channels),
+            ConvexPotentialConv2d(channels, 3, 3, (32, 32)),
+            LipschitzAvgPool2d(4),
+            nn.Flatten(),
+            FirstCoordinates(num_classes),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+    def lipschitz_bound(self):
+        return lipschitz_upper_bound(self.body)
+
+
+def small_net(config):
+    return SmallNet(config.num_classes)
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory):
+    """A run of SmallNet, as the command line's --model planted_nets:make_net records it."""
+    out = tmp_path_factory.mktemp("runs") / "own"
+    data = synthetic(n_train=128, n_test=32)
+    cfg = TrainConfig(
+        model="planted_nets:make_net", epochs=1, batch_size=64, device="cpu", std_normalize=True, out=str(out)
+    )
+    results = train(cfg, data=data, progress=False, log=quiet, model=small_net)
+    return out, data, results
+
+
+def test_load_run_model_needs_your_model_and_never_imports_what_the_checkpoint_names(
+    own_run, tmp_path, monkeypatch
+):
+    out, data, _ = own_run
+    marker = tmp_path / "imported"
+    (tmp_path / "planted_nets.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(
+        ValueError, match=r"custom \(SmallNet\).*--model planted_nets:make_net.*model="
+    ) as err:
+        load_run_model(out, data=data, device="cpu")
+    assert len(str(err.value).splitlines()) == 1 and "never imported" in str(err.value)
+    assert not marker.exists() and "planted_nets" not in sys.modules
+
+
+def test_load_run_model_with_your_model_gives_the_trained_logits(own_run):
+    out, data, _ = own_run
+    model, loader, config = load_run_model(out, data=data, device="cpu", model=small_net)
+    assert config.model == "planted_nets:make_net" and not model.training
+    # the reference: SmallNet with the checkpoint's weights on pictures normalised by hand
+    state = load_checkpoint(out / "checkpoint.pt")["model"]
+    net = SmallNet().eval()
+    net.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("1.")})
+    mean, std = channel_stats(data.train_images)
+    x = data.test_images[:8].float() / 255
+    with torch.no_grad():
+        reference = net((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+        logits = model(x)
+        assert torch.allclose(logits, reference, atol=1e-5)
+        instance, _, _ = load_run_model(out, data=data, device="cpu", model=SmallNet())
+        assert torch.equal(instance(x), logits)
+    xb, _ = next(iter(loader))
+    assert float(xb.min()) >= 0 and float(xb.max()) <= 1
+    with pytest.raises(CheckpointError, match="another architecture.*1.body.1.weight"):
+        load_run_model(out, data=data, device="cpu", model=lambda c: SmallNet(channels=9))

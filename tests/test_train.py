@@ -6,13 +6,23 @@ import importlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
+from cpl_mini.bounds import lipschitz_upper_bound
 from cpl_mini.cifar import load_cifar
+from cpl_mini.layers import (
+    ChannelPad,
+    ConvexPotentialConv2d,
+    ConvexPotentialLinear,
+    FirstCoordinates,
+    LipschitzAvgPool2d,
+)
 from cpl_mini.runs import CheckpointError, TrainConfig, load_checkpoint
 from cpl_mini.train import autocast_dtype, compile_decision, cpu_info, device_name, lr_at, margin_loss, train
 
@@ -75,9 +85,11 @@ def test_tiny_model_learns_real_cifar10(cifar_small, tmp_path):
     final = res["final"]
     assert res["status"] == "finished" and res["epochs_completed"] == 3
     assert final["clean_acc"] > 0.22, final  # chance is 0.10
-    assert final["cert_36"] > 0.02, final
-    assert final["cert_36"] <= final["clean_acc"]
-    assert final["cert_108"] <= final["cert_72"] <= final["cert_36"]
+    cert = final["certified"]
+    assert list(cert) == ["36/255", "72/255", "108/255"], final  # files key radii by their text
+    assert cert["36/255"] > 0.02, final
+    assert cert["36/255"] <= final["clean_acc"]
+    assert cert["108/255"] <= cert["72/255"] <= cert["36/255"]
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["final"] == final and len(saved["history"]) == 3 and saved["wall_time_s"] > 0
     for key in ("torch_version", "cpl_mini_version", "device", "config"):
@@ -216,6 +228,136 @@ def synthetic_init():
 
     torch.manual_seed(3)
     return cpl_network("XS", mean=torch.zeros(3)).state_dict()
+
+
+# -- your own network ---------------------------------------------------------------------------------
+class TinyNet(nn.Module):
+    """A small network of the package's layers, with a dropout (it draws random numbers while training)."""
+
+    def __init__(self, num_classes=10, channels=8, features=32):
+        super().__init__()
+        self.body = nn.Sequential(
+            ChannelPad(channels),
+            ConvexPotentialConv2d(channels, 4, 3, (32, 32)),
+            LipschitzAvgPool2d(4),
+            nn.Flatten(),
+            ConvexPotentialLinear(channels * 64, features),
+            nn.Dropout(0.2),
+            FirstCoordinates(num_classes),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+    def lipschitz_bound(self):
+        return lipschitz_upper_bound(self.body)
+
+
+class OtherNet(TinyNet):
+    """The same parameters and buffers as TinyNet, another class."""
+
+
+def tiny(config):
+    return TinyNet(config.num_classes)
+
+
+class Doubler(nn.Module):
+    """A part without a ``lipschitz_bound()``: the pipeline cannot certify a network holding it."""
+
+    def forward(self, x):
+        return 2 * x
+
+
+OWN = dict(epochs=2, batch_size=128, limit_train=512, limit_test=256, device="cpu", seed=4, compile="off")
+
+
+@pytest.fixture(scope="module")
+def own_runs(cifar_small, tmp_path_factory):
+    """Runs of TinyNet through the factory: a (2 epochs), b (stopped after 1, then continued), c (a copy
+    of b stopped after 1)."""
+    root = tmp_path_factory.mktemp("own")
+    torch.manual_seed(123)  # the factory must not depend on the generator's state before the run
+    full = train(
+        TrainConfig(out=str(root / "a"), **OWN), data=cifar_small, progress=False, log=quiet, model=tiny
+    )
+    cfg_b = TrainConfig(out=str(root / "b"), **OWN)
+    part = train(cfg_b, data=cifar_small, progress=False, log=quiet, model=tiny, stop_after_epoch=1)
+    shutil.copytree(root / "b", root / "c")
+    resumed = train(cfg_b, data=cifar_small, progress=False, log=quiet, model=tiny)
+    return root, full, part, resumed
+
+
+def _results(entry):
+    return {k: v for k, v in entry.items() if "seconds" not in k}
+
+
+def test_own_network_resumes_bit_exactly(own_runs):
+    root, full, part, resumed = own_runs
+    assert part["status"] == "stopped" and resumed["status"] == full["status"] == "finished"
+    assert _results(part["history"][0]) == _results(full["history"][0])  # seeded before the factory
+    assert [_results(h) for h in resumed["history"]] == [_results(h) for h in full["history"]]
+    a, b = (load_checkpoint(root / name / "checkpoint.pt") for name in ("a", "b"))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_own_network_is_recorded_with_its_architecture(own_runs):
+    root, full, _, _ = own_runs
+    saved = json.loads((root / "a" / "results.json").read_text())
+    expected = ["0.mean (1, 3, 1, 1)"] + [
+        f"1.{k} {tuple(v.shape)}" for k, v in TinyNet().state_dict().items()
+    ]
+    assert saved["network"] == "custom (TinyNet)" and saved["config"]["model"] is None
+    assert saved["architecture"] == {"class": "TinyNet", "tensors": expected}
+    assert saved["parameters"] == sum(p.numel() for p in TinyNet().parameters())
+    assert list(saved["final"]["certified"]) == ["36/255", "72/255", "108/255"]
+    assert 0 <= saved["final"]["certified"]["36/255"] <= saved["final"]["clean_acc"]
+    assert saved["history"][-1]["eval_images"] == 256 and saved["history"][-1]["lipschitz"] >= 1.0
+    ckpt = load_checkpoint(root / "a" / "checkpoint.pt")
+    assert ckpt["architecture"] == saved["architecture"] and ckpt["model_config"]["class"] == "TinyNet"
+
+
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        (lambda c: TinyNet(c.num_classes, features=48), r"1\.body\.4\.weight \(32, 512\)"),
+        (lambda c: OtherNet(c.num_classes), "TinyNet"),
+        (None, "holds a network with"),  # the CPL network of config.size
+    ],
+    ids=["wider", "other-class", "cpl"],
+)
+def test_continuing_with_another_architecture_is_refused(own_runs, cifar_small, factory, match):
+    root = own_runs[0]
+    files = [root / "c" / name for name in ("checkpoint.pt", "results.json")]
+    before = [f.read_bytes() for f in files]
+    with pytest.raises(CheckpointError, match=match):
+        train(
+            TrainConfig(out=str(root / "c"), **OWN),
+            data=cifar_small,
+            progress=False,
+            log=quiet,
+            model=factory,
+        )
+    assert [f.read_bytes() for f in files] == before
+
+
+def test_a_network_that_cannot_be_certified_is_refused_before_training(tmp_path):
+    data = synthetic(n_train=128, n_test=16)
+    cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", out=str(tmp_path / "run"))
+
+    def unknown_part(config):
+        return nn.Sequential(ChannelPad(4), Doubler(), nn.Flatten(), FirstCoordinates(10))
+
+    with pytest.raises(ValueError, match="Doubler.*cpl_mini.bounds") as err:
+        train(cfg, data=data, progress=False, log=quiet, model=unknown_part)
+    assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(ValueError, match=r"logits of shape \(2, 10\)"):
+        train(
+            cfg, data=data, progress=False, log=quiet, model=nn.Sequential(nn.Flatten(), FirstCoordinates(5))
+        )
+    with pytest.raises(ValueError, match="model="):  # a name in the config is never imported by train
+        train(TrainConfig(**{**vars(cfg), "model": "mynets:make_net"}), data=data, progress=False, log=quiet)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_finished_run_is_returned_as_recorded_and_nothing_is_written(tmp_path, monkeypatch):
