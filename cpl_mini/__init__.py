@@ -30,6 +30,7 @@ _API = {
     # spectral: norms of matrices and convolutions
     "power_iteration": "spectral",
     "OperatorNormModule": "spectral",
+    "frozen_power_iteration": "spectral",
     "dense_spectral_norm": "spectral",
     "dense_spectral_norm_upper": "spectral",
     "conv_spectral_norm_fft": "spectral",
@@ -44,6 +45,8 @@ _API = {
     # layers: the Convex Potential Layer and the network pieces
     "ConvexPotentialLinear": "layers",
     "ConvexPotentialConv2d": "layers",
+    "convex_potential_linear": "layers",
+    "convex_potential_conv2d": "layers",
     "ChannelPad": "layers",
     "LipschitzAvgPool2d": "layers",
     "FirstCoordinates": "layers",
@@ -58,9 +61,18 @@ _API = {
     "SpectralNormLinear": "normalized",
     "AOLLinear": "normalized",
     "aol_scaling": "normalized",
+    "AOLConv2d": "normalized",
+    "aol_conv_scaling": "normalized",
+    "conv_gram_kernel": "normalized",
+    "conv_gram_kernel_abs_upper": "normalized",
     "sll_t": "sll",
     "sll_residual": "sll",
     "SLLLinear": "sll",
+    "sll_conv_t": "sll",
+    "SLLConv2d": "sll",
+    # downsampling: 1-Lipschitz changes of the image size and channels
+    "InvertibleDownsampling": "downsampling",
+    "ChannelSlice": "downsampling",
     # flows: vector fields, their flows and Euler steps
     "VectorField": "flows",
     "ConvexPotentialField": "flows",
@@ -100,12 +112,20 @@ _API = {
     "make_spirals": "toy",
     # models: the paper's networks
     "SIZES": "models",
+    "parse_size": "models",
     "cpl_network": "models",
     "count_parameters": "models",
     "describe": "models",
     "use_channels_last": "models",
     # normalization: the input normalisation layer
     "InputNormalization": "normalization",
+    # export: a plain torch.nn copy of a network (torch.export, TorchScript, ONNX)
+    "to_plain": "export",
+    "Residual": "export",
+    "PlainChannelPad": "export",
+    "PlainFirstCoordinates": "export",
+    "PlainChannelSlice": "export",
+    "PlainMaxMin": "export",
     # runs: configuration, checkpoints, records, trained models
     "TrainConfig": "runs",
     "book_config": "runs",
@@ -114,6 +134,13 @@ _API = {
     "load_checkpoint": "runs",
     "load_model_state": "runs",
     "load_run_model": "runs",
+    "read_results": "runs",
+    "upgrade_record": "runs",
+    # custom: your own network in the training pipeline
+    "own_network": "custom",
+    "check_certifiable": "custom",
+    "architecture": "custom",
+    "import_factory": "custom",
     # train: the training loop
     "autocast_dtype": "fastpath",
     "cpu_info": "fastpath",
@@ -129,6 +156,8 @@ _API = {
     "certified_accuracy": "certify",
     "network_lipschitz": "certify",
     "format_table": "certify",
+    "eps_label": "certify",
+    "parse_eps": "certify",
     # attacks
     "margin": "attacks",
     "pgd_l2": "attacks",

@@ -45,6 +45,7 @@ __all__ = [
     "clear_cache",
 ]
 
+#: The ten class names of CIFAR-10, in the order of the labels 0..9.
 CIFAR_CLASSES: Tuple[str, ...] = (
     "airplane",
     "automobile",

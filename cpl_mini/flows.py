@@ -128,7 +128,7 @@ class ConvexPotentialField(VectorField):
         activation: one of ``"relu"``, ``"sigmoid"``, ``"tanh"``.
 
     The one explicit Euler step of this field with ``h = 2 / ||W||_2^2`` (ReLU) is the Convex Potential
-    Layer of :mod:`cpl_mini.layers`.
+    Layer of ``cpl_mini.layers``.
     """
 
     def __init__(self, weight, bias=None, activation="relu"):
@@ -410,9 +410,9 @@ def euler_step_lipschitz_lower_bound(
 
     The value is the larger of
 
-    * :func:`cpl_mini.lipschitz.random_pairs_lower_bound` on the points ``x`` (pairs
+    * :func:`~cpl_mini.random_pairs_lower_bound` on the points ``x`` (pairs
       ``(x_i, x_i + scale * u)`` with random unit ``u``, and pairs of given points), and
-    * :func:`cpl_mini.lipschitz.worst_pair_search` (``search_steps`` of gradient ascent on
+    * :func:`~cpl_mini.worst_pair_search` (``search_steps`` of gradient ascent on
       ``||T(a) - T(b)|| / ||a - b||``) started from every ``x_i`` and a random neighbour.
 
     Every ratio it reports is attained by an actual pair, so it is a **lower bound** of

@@ -92,7 +92,7 @@ class DeviceLoader:
     augmentation: a random ``H x W`` crop of the picture reflect-padded by ``padding`` pixels, then a
     left-right flip with probability 1/2. All draws of epoch ``e`` depend on ``(seed, e)`` only
     (:meth:`plan`), so resuming at epoch ``e`` reproduces an uninterrupted run. ``iter(loader)`` uses
-    the current :attr:`epoch` and then advances it by one; :meth:`set_epoch` pins it (as with
+    the current ``epoch`` attribute and then advances it by one; :meth:`set_epoch` pins it (as with
     ``DistributedSampler``).
 
     Distributed data parallel: every process draws the same global order and cuts the same global
@@ -349,7 +349,7 @@ def cifar_loaders(
     input itself, with ``mean, std = channel_stats(data.train_images)``.
 
     Args:
-        data: the pictures, e.g. from :func:`~cpl_mini.cifar.load_cifar`.
+        data: the pictures, e.g. from :func:`~cpl_mini.load_cifar`.
         batch_size: global training batch size (all processes together; divisible by ``world_size``).
         device: where the data and the batches live (default: where ``data`` is).
         seed: seed of the shuffling and augmentation draws (epoch ``e`` depends on ``(seed, e)`` only).

@@ -463,7 +463,7 @@ def plot_network_diagram(model_or_config, ax=None, input_shape=(3, 32, 32), font
     """Draw a CPL network as a chain of blocks, each with its output shape (channels x height x width).
 
     Args:
-        model_or_config: an ``nn.Sequential`` made by :func:`~cpl_mini.models.cpl_network` (the shapes
+        model_or_config: an ``nn.Sequential`` made by :func:`~cpl_mini.cpl_network` (the shapes
             are propagated through its layers), a size name of ``SIZES`` (``"CPU"``, ``"S"``, ...; the
             bare ``cpl_network(size)``), its 4 numbers ``(depth, depth_linear, channels, features)``,
             or a run configuration with a ``size`` attribute (its network starts with the input

@@ -474,6 +474,7 @@ def _book_sources():
             and not {".ipynb_checkpoints", "runs"} & set(path.relative_to(REPO).parts)
         ):
             yield path
+    yield from (REPO / "cpl_mini").rglob("*.py")  # the API reference is built from the docstrings
 
 
 def _build_is_stale():

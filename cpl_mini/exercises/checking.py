@@ -87,7 +87,7 @@ def grade(exercise: str, answer: Any, **kwargs: Any) -> Feedback:
 
 
 def check(exercise: str, answer: Any, **kwargs: Any) -> None:
-    """Print the verdict on ``answer`` to exercise ``"N.M"`` (use :func:`grade` to get it as a value)."""
+    """Print the verdict on ``answer`` to exercise ``"N.M"`` (use ``grade`` to get it as a value)."""
     print(grade(exercise, answer, **kwargs))
 
 
@@ -121,7 +121,7 @@ def as_number(answer: Any, what: str) -> Tuple[Optional[float], str]:
 
 def to_float(answer: Any) -> float:
     """``answer`` (a Python or NumPy number, or a one-element tensor) as a float; ``ValueError`` when it
-    is not one finite number (the checker then reports the error as the hint, see :func:`grade`)."""
+    is not one finite number (the checker then reports the error as the hint, see ``grade``)."""
     import torch
 
     value = float(torch.as_tensor(answer, dtype=torch.float64).reshape(()))
