@@ -439,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="certify only the first N test images (default: the run's own limit)",
     )
     parser.add_argument(
+        "--model",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="the factory of your own network, as given to python -m cpl_mini.train --model "
+        "(a checkpoint never names code to import) (default: none, a CPL network)",
+    )
+    parser.add_argument(
         "--device",
         default="auto",
         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ... (default: auto)",
@@ -454,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _certify_run(args) -> Tuple[Dict[str, Any], Any]:
     """Load the run of ``args.run_dir`` and its test set, then certify; input errors propagate."""
     from .cifar import load_cifar
+    from .custom import import_factory
     from .runs import CheckpointError, TrainConfig, load_checkpoint, load_run_model, resolve_device
 
     device = resolve_device(args.device)  # before anything is loaded: a bad device fails at once
@@ -467,7 +475,10 @@ def _certify_run(args) -> Tuple[Dict[str, Any], Any]:
         raise CheckpointError(f"{path} holds no run configuration: it was not written by cpl_mini.train")
     config = TrainConfig.from_dict(saved)
     data = load_cifar(config.dataset, root=args.data_root or config.data_root, download=args.download)
-    model, loader, config = load_run_model(args.run_dir, device=device, limit_test=args.limit_test, data=data)
+    factory = import_factory(args.model) if args.model else None  # only from the user's command line
+    model, loader, config = load_run_model(
+        args.run_dir, device=device, limit_test=args.limit_test, data=data, model=factory
+    )
     return certified_accuracy(model, loader, eps=args.eps), config
 
 

@@ -29,6 +29,7 @@ from cpl_mini.certify import (
     parse_eps,
 )
 from cpl_mini.cifar import CifarData
+from cpl_mini.custom import own_network
 from cpl_mini.layers import (
     ConvexPotentialConv2d,
     ConvexPotentialLinear,
@@ -567,11 +568,12 @@ def test_help_covers_every_option_its_default_and_the_exit_statuses(capsys):
         "--download",
         "--no-download",
         "--limit-test",
+        "--model",
         "--device",
         "--json",
     ):
         assert option in text, option
-    assert text.count("(default: ") == 6  # every option but --help
+    assert text.count("(default: ") == 7  # every option but --help
     assert "RUN_DIR" in text and "36/255 72/255 108/255" in text
     assert "exit status: 0 certified, 2 bad input" in text and "130 interrupted" in text
 
@@ -586,3 +588,26 @@ def test_certified_accuracy_bounds_plain_convolutions_on_the_input_size():
     tight = lipschitz_upper_bound(net, input_shape=(2, 6, 6))
     assert res["lipschitz"] == tight < lipschitz_upper_bound(net)
     assert certified_accuracy(net, (x[:0], y[:0]), eps=0.1)["lipschitz"] == lipschitz_upper_bound(net)
+
+
+def test_a_run_of_your_own_network_certifies_with_model(tmp_path, capsys, fake_cifar, monkeypatch):
+    (tmp_path / "my_nets_cert.py").write_text(
+        "import torch.nn as nn\n"
+        "from cpl_mini import ConvexPotentialLinear, FirstCoordinates\n"
+        "def small(config):\n"
+        "    return nn.Sequential(nn.Flatten(), ConvexPotentialLinear(3072, 16), FirstCoordinates(10))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from my_nets_cert import small
+
+    config = TrainConfig(size="XS", device="cpu", batch_size=32, model="my_nets_cert:small")
+    run = tiny_run(tmp_path / "run", config, own_network(small, config, torch.rand(3), torch.rand(3) + 0.1))
+    code, out, err = run_cli([run, "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, "pass model=")  # never imports the factory the checkpoint names
+    code, out, err = run_cli([run, "--json", "--model", "my_nets_cert:small", "--device", "cpu"], capsys)
+    assert code == 0, err
+    record = json.loads(out)
+    model, loader, _ = load_run_model(run, data=tiny_data(), device="cpu", model=small)
+    assert record["certified"]["36/255"] == certified_accuracy(model, loader)["certified"][36 / 255]
+    code, out, err = run_cli([run, "--model", "no_such_module_here:f", "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, "no module")
