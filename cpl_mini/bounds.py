@@ -86,7 +86,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .precision import as_float64, float_up, ieee_precision
+from .precision import as_float64, float_up, ieee_precision, sqrt_up
 from .spectral import (
     ROUNDING_MARGIN,
     conv_spectral_norm_fft,
@@ -122,16 +122,8 @@ def _pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _sqrt_up(q: Fraction) -> float:
-    """The smallest float whose square is ``>= q``, or one above it."""
-    r = math.sqrt(float(q))
-    while Fraction(r) ** 2 < q:
-        r = math.nextafter(r, math.inf)
-    return r
-
-
 def _times_sqrt(bound: float, m: int) -> float:
-    return bound if m == 1 else float_up(Fraction(bound) * Fraction(_sqrt_up(Fraction(m))))
+    return bound if m == 1 else float_up(Fraction(bound) * Fraction(sqrt_up(Fraction(m))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,11 +256,11 @@ def _avg_pool_bound(m: nn.AvgPool2d, shape: Shape, out: Shape) -> float:
     k, s, p = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding)
     d, c = m.divisor_override, math.ceil(k[0] / s[0]) * math.ceil(k[1] / s[1])
     if d:
-        free = _sqrt_up(Fraction(c * k[0] * k[1], d * d))
+        free = sqrt_up(Fraction(c * k[0] * k[1], d * d))
     elif not m.ceil_mode and (m.count_include_pad or p == (0, 0)):
-        free = _sqrt_up(Fraction(c, k[0] * k[1]))
+        free = sqrt_up(Fraction(c, k[0] * k[1]))
     else:
-        free = _sqrt_up(Fraction(c))
+        free = sqrt_up(Fraction(c))
     if shape is None:
         return free
     args = (m.ceil_mode, m.count_include_pad, 1 if d else None)
@@ -294,7 +286,7 @@ def _max_pool_bound(m: nn.MaxPool2d, shape: Shape, out: Shape) -> float:
         raise TypeError("MaxPool2d(return_indices=True) returns (values, indices); bound it without indices.")
     k, s, d = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.dilation)
     c = [min(k[i], -(-(d[i] * (k[i] - 1) + 1) // s[i])) for i in range(2)]
-    return _sqrt_up(Fraction(c[0] * c[1]))
+    return sqrt_up(Fraction(c[0] * c[1]))
 
 
 # ---------------------------------------------------------------------------------------------

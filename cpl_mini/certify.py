@@ -49,6 +49,7 @@ from .precision import (
     ieee_precision,
     next_down,
     next_up,
+    sqrt_up,
     sub_down,
 )
 
@@ -68,7 +69,7 @@ __all__ = [
 DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
 
 #: Floats just above and just below sqrt(2).
-SQRT2_UP = math.sqrt(2) if Fraction(math.sqrt(2)) ** 2 > 2 else math.nextafter(math.sqrt(2), 3)
+SQRT2_UP = sqrt_up(2)
 SQRT2_DOWN = math.nextafter(SQRT2_UP, 0)
 
 

@@ -35,7 +35,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .precision import as_float64, cast_down, check_last_dim, float64_device, float_up, gamma, ieee_precision
+from .precision import (
+    as_float64,
+    cast_down,
+    check_last_dim,
+    float64_device,
+    float_up,
+    gamma,
+    ieee_precision,
+    sqrt_up,
+)
 from .spectral import OperatorNormModule, dense_spectral_norm_upper
 
 __all__ = [
@@ -379,18 +388,10 @@ class AOLConv2d(nn.Module):
         rows = (gram @ (1 / w)) * w
         terms = gram.shape[1] * (2 * self.kernel_size - 1) ** 2 + 6  # additions and products per row
         square = Fraction(float(rows.max())) * (1 + Fraction(gamma(terms)))
-        return _sqrt_up(square)
+        return sqrt_up(square)
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, bias={self.bias is not None}"
         )
-
-
-def _sqrt_up(value: Fraction) -> float:
-    """A float ``>= sqrt(value)``, at most two floats above it (``value >= 0`` exact)."""
-    root = math.sqrt(float_up(value))
-    while Fraction(root) ** 2 < value:
-        root = math.nextafter(root, math.inf)
-    return root

@@ -36,6 +36,7 @@ __all__ = [
     "cast_down",
     "float_down",
     "float_up",
+    "sqrt_up",
     "gamma",
     "check_last_dim",
 ]
@@ -191,6 +192,20 @@ def float_up(value: Number) -> float:
     exact = Fraction(value)
     f = float(exact)
     return math.nextafter(f, math.inf) if Fraction(f) < exact else f
+
+
+def sqrt_up(value: Number) -> float:
+    """The smallest float whose square is ``>= value`` (``value >= 0`` an exact rational): ``sqrt(value)``
+    rounded up."""
+    exact = Fraction(value)
+    if exact < 0:
+        raise ValueError(f"sqrt_up needs a value >= 0, got {value!r}")
+    root = math.sqrt(float(exact))
+    while root > 0 and Fraction(math.nextafter(root, 0)) ** 2 >= exact:
+        root = math.nextafter(root, 0)
+    while Fraction(root) ** 2 < exact:
+        root = math.nextafter(root, math.inf)
+    return root
 
 
 def gamma(n: int, dtype: torch.dtype = torch.float64) -> float:

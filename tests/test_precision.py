@@ -19,6 +19,7 @@ from cpl_mini.precision import (
     ieee_precision,
     next_down,
     next_up,
+    sqrt_up,
     sub_down,
 )
 
@@ -213,3 +214,17 @@ def test_check_last_dim_message():
         check_last_dim(Layer(), torch.zeros(2, 4), 5)
     with pytest.raises(ValueError, match=r"features=\?"):
         check_last_dim(Layer(), torch.tensor(1.0), 5, "features")
+
+
+def test_sqrt_up_is_the_smallest_float_whose_square_is_not_below():
+    values = [0, 1, 2, 3, Fraction(1, 3), Fraction(9, 4), 1e-300, 2.0**-1074, 1e300, Fraction(7, 10**9)]
+    values += [
+        Fraction(random.Random(i).randrange(1, 10**12), random.Random(-i).randrange(1, 10**6))
+        for i in range(200)
+    ]
+    for value in values:
+        root, exact = sqrt_up(value), Fraction(value)
+        assert Fraction(root) ** 2 >= exact, value
+        assert root == 0 or Fraction(math.nextafter(root, 0)) ** 2 < exact, value
+    with pytest.raises(ValueError, match=">= 0"):
+        sqrt_up(-1)
