@@ -351,6 +351,26 @@ def test_the_books_committed_records_still_read():
         assert not any(k.startswith("cert_") for h in record["history"] for k in h), path.name
 
 
+def test_book_config_picks_the_run_by_mode_device_and_native_bf16(monkeypatch):
+    import cpl_mini.fastpath as fastpath
+    from cpl_mini.runs import book_config
+
+    assert book_config("cpu", quick=True).size == "XS"
+    assert book_config("cuda", quick=False).size == "S"
+    s, small = book_config("cpu", quick=False, cpu_bf16=True), book_config("cpu", quick=False, cpu_bf16=False)
+    assert (s.size, s.epochs, s.out) == ("S", 20, "runs/cifar10-S-20ep")
+    assert (small.size, small.epochs, small.out) == ("CPU", 20, "runs/cifar10-CPU-20ep")
+    for flags, size in (
+        (frozenset({"avx2"}), "CPU"),
+        (frozenset({"avx512_bf16"}), "S"),
+        (frozenset({"amx_bf16"}), "S"),
+    ):
+        monkeypatch.setattr(fastpath, "cpu_info", lambda flags=flags: ("a CPU", flags))
+        assert book_config("cpu", quick=False).size == size, flags
+    committed = {p.stem for p in (HERE.parent / "book" / "results").glob("*.json")}
+    assert {pathlib.Path(c.out).name for c in (s, small)} <= committed
+
+
 # -- your own network ----------------------------------------------------------------------------------
 class SmallNet(nn.Module):
     def __init__(self, num_classes=10, channels=6):
