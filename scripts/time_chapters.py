@@ -131,8 +131,31 @@ def _load(load) -> str:
     return f", load average {load} when it started" if load is not None else ""
 
 
-def render(chapters: list, times: dict, info: dict, note: str = "") -> str:
-    """The markdown table; ``times[(stem, mode)]`` is seconds, or a string saying what went wrong."""
+def run_rows(results: pathlib.Path) -> list:
+    """One row per finished training run recorded in ``results/*.json`` (chapter 8's runs): network,
+    epochs, machine, path, the median time of a training epoch and the run's wall time."""
+    rows = []
+    for path in sorted(results.glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("status") != "finished":
+            continue
+        decision = record.get("compile", record["config"].get("compile"))
+        compiled = decision["compiled"] if isinstance(decision, dict) else decision in (True, "on")
+        epochs = sorted(h["train_seconds"] for h in record["history"])
+        median = (epochs[(len(epochs) - 1) // 2] + epochs[len(epochs) // 2]) / 2
+        autocast = {"off": ", float32", None: ""}.get(record.get("autocast"), f", {record.get('autocast')}")
+        path_text = ("compiled" if compiled else "eager") + autocast  # older records name no dtype
+        rows.append(
+            f"| `{path.name}` | CPL-{record['config']['size']} ({record['parameters'] / 1e6:.1f}M) "
+            f"| {record['epochs_completed']} | {record['device']}, {path_text} | {format_seconds(median)} "
+            f"| {format_seconds(record['wall_time_s'])} |"
+        )
+    return rows
+
+
+def render(chapters: list, times: dict, info: dict, note: str = "", runs: tuple = ()) -> str:
+    """The markdown table; ``times[(stem, mode)]`` is seconds, or a string saying what went wrong; ``runs``
+    are rows of :func:`run_rows`, put in a second table."""
 
     def cell(stem, mode):
         value = times.get(f"{stem}|{mode}")
@@ -153,6 +176,16 @@ def render(chapters: list, times: dict, info: dict, note: str = "") -> str:
         "|---|---|---|",
     ]
     lines += [f"| {title} | {cell(stem, 'quick')} | {cell(stem, 'full')} |" for stem, title in chapters]
+    if runs:
+        lines += [
+            "",
+            "The training runs of chapter 8, read from their records in `book/results/` (each names the "
+            "machine it trained on; the wall time counts every epoch, evaluations included):",
+            "",
+            "| record | network | epochs | machine, path | one training epoch (median) | wall time |",
+            "|---|---|---|---|---|---|",
+            *runs,
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -222,7 +255,8 @@ def main(argv=None) -> int:
                 print(f"{path.name} {mode}: {times[key]}", file=sys.stderr)
     chapters = [(p.stem, chapter_title(p)) for p in every]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(chapters, times, info, args.note), encoding="utf-8")
+    runs = run_rows(args.book / "results")
+    args.out.write_text(render(chapters, times, info, args.note, runs), encoding="utf-8")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

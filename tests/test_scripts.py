@@ -11,6 +11,7 @@
 """
 
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -174,6 +175,38 @@ def test_time_chapters_update_keeps_cells_of_the_same_machine(tmp_path):
     other = dict(info, cpu="another CPU")
     with pytest.raises(SystemExit, match="another machine"):
         time_chapters.previous(out, other)
+
+
+def test_time_chapters_lists_the_finished_training_runs_from_their_records(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    record = {
+        "status": "finished",
+        "config": {"size": "S", "compile": "auto"},
+        "compile": {"compiled": True},
+        "autocast": "bfloat16",
+        "parameters": 41342616,
+        "epochs_completed": 3,
+        "device": "Some CPU (2 threads)",
+        "history": [{"train_seconds": t} for t in (500.0, 300.0, 2000.0)],
+        "wall_time_s": 3600.0,
+    }
+    (results / "b-run.json").write_text(json.dumps(record))
+    old = dict(record, compile=None, autocast=None, config={"size": "CPU", "compile": False})
+    (results / "a-old.json").write_text(
+        json.dumps(dict(old, history=[{"train_seconds": 60}, {"train_seconds": 120}]))
+    )
+    (results / "c-running.json").write_text(json.dumps(dict(record, status="running")))
+    (results / "d-f32.json").write_text(json.dumps(dict(record, autocast="off")))
+    rows = time_chapters.run_rows(results)
+    assert rows == [
+        "| `a-old.json` | CPL-CPU (41.3M) | 3 | Some CPU (2 threads), eager | 1.5 min | 60 min |",
+        "| `b-run.json` | CPL-S (41.3M) | 3 | Some CPU (2 threads), compiled, bfloat16 | 8.3 min | 60 min |",
+        "| `d-f32.json` | CPL-S (41.3M) | 3 | Some CPU (2 threads), compiled, float32 | 8.3 min | 60 min |",
+    ]
+    text = time_chapters.render([("01_tiny", "1. A tiny chapter")], {}, time_chapters.machine(), runs=rows)
+    assert text.rstrip().endswith(rows[-1]) and "| record | network |" in text
+    assert "| record |" not in time_chapters.render([], {}, time_chapters.machine())
 
 
 @pytest.mark.parametrize("seconds, text", [(4.2, "4 s"), (89, "89 s"), (162, "2.7 min"), (4020, "67 min")])
