@@ -134,8 +134,10 @@ _API = {
     "load_checkpoint": "runs",
     "load_model_state": "runs",
     "load_run_model": "runs",
-    "read_results": "runs",
-    "upgrade_record": "runs",
+    # records: a run's results.json read back and summarised
+    "read_results": "records",
+    "upgrade_record": "records",
+    "run_summary": "records",
     # custom: your own network in the training pipeline
     "own_network": "custom",
     "check_certifiable": "custom",

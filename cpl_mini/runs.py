@@ -9,7 +9,7 @@ A run lives in one folder (``TrainConfig.out``) holding
 * ``results.json``: the human-readable record (status, configuration, network and architecture,
   per-epoch history, final certified accuracies keyed by their radius as text, ``"36/255"``, the
   machine and versions that produced it). A finished run's record is never rewritten;
-  :func:`read_results` upgrades the records of earlier versions (``cert_36`` keys).
+  :func:`cpl_mini.records.read_results` reads it back, upgrading the records of earlier versions.
 
 The fields of :class:`TrainConfig` carry their command-line help and whether they belong to the run's
 *identity*: continuing a run with a different value of an identity field (its size, schedule, data,
@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -49,8 +48,6 @@ __all__ = [
     "load_checkpoint",
     "load_model_state",
     "write_results",
-    "read_results",
-    "upgrade_record",
     "rng_state",
     "restore_rng_state",
     "load_run_model",
@@ -468,50 +465,6 @@ def write_results(path: PathLike, results: Dict[str, Any]) -> None:
     """Write a run's record as indented JSON, atomically."""
     text = json.dumps(results, indent=2)
     _atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def read_results(path: PathLike) -> Optional[Dict[str, Any]]:
-    """A run's record (:func:`upgrade_record`: in this version's form), or ``None`` when the file is
-    missing or unreadable."""
-    try:
-        record = json.loads(pathlib.Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return upgrade_record(record) if isinstance(record, dict) else None
-
-
-_OLD_CERT_KEY = re.compile(r"cert_(\d+)")
-
-
-def _upgrade_entry(entry: Any) -> Any:
-    if not isinstance(entry, dict):
-        return entry
-    out, certified = {}, dict(entry.get("certified") or {})
-    for key, value in entry.items():
-        match = _OLD_CERT_KEY.fullmatch(key)
-        if match:
-            certified.setdefault(f"{match.group(1)}/255", value)
-        elif key != "certified":
-            out[key] = value
-    if certified:
-        out["certified"] = certified
-    return out
-
-
-def upgrade_record(record: Dict[str, Any]) -> Dict[str, Any]:
-    """A ``results.json`` record in this version's form (a new dict; ``record`` is not changed).
-
-    Earlier versions keyed the certified accuracies of each history entry and of ``final`` as
-    ``cert_36``, ``cert_72``, ``cert_108`` (the radius times 255); they become
-    ``certified = {"36/255": ..., "72/255": ..., "108/255": ...}``, the keys files use for radii
-    (Python dicts, such as :func:`cpl_mini.certify.certified_accuracy`'s, use the float radii).
-    """
-    out = dict(record)
-    if isinstance(out.get("history"), list):
-        out["history"] = [_upgrade_entry(h) for h in out["history"]]
-    if out.get("final") is not None:
-        out["final"] = _upgrade_entry(out["final"])
-    return out
 
 
 def rng_state(device: Union[str, torch.device]) -> Dict[str, Any]:

@@ -51,6 +51,7 @@ from .certify import DEFAULT_EPS, certified_accuracy, eps_label
 from .custom import ModelArg, architecture, check_certifiable, import_factory, network_label
 from .fastpath import ProcessSetup, autocast_dtype, compile_decision, cpu_info, device_name, process_setup
 from .models import count_parameters
+from .records import read_results
 from .runs import (  # noqa: F401  (book_config, load_run_model: re-exported, they lived here before)
     CheckpointError,
     TrainConfig,
@@ -59,7 +60,6 @@ from .runs import (  # noqa: F401  (book_config, load_run_model: re-exported, th
     load_checkpoint,
     load_model_state,
     load_run_model,
-    read_results,
     resolve_device,
     restore_rng_state,
     rng_state,

@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from cpl_mini.records import read_results, run_summary
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODES = ("quick", "full")
 NOT_MEASURED = "not measured yet"
@@ -136,19 +138,14 @@ def run_rows(results: pathlib.Path) -> list:
     epochs, machine, path, the median time of a training epoch and the run's wall time."""
     rows = []
     for path in sorted(results.glob("*.json")):
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("status") != "finished":
+        record = read_results(path)
+        if record is None or record.get("status") != "finished":
             continue
-        decision = record.get("compile", record["config"].get("compile"))
-        compiled = decision["compiled"] if isinstance(decision, dict) else decision in (True, "on")
-        epochs = sorted(h["train_seconds"] for h in record["history"])
-        median = (epochs[(len(epochs) - 1) // 2] + epochs[len(epochs) // 2]) / 2
-        autocast = {"off": ", float32", None: ""}.get(record.get("autocast"), f", {record.get('autocast')}")
-        path_text = ("compiled" if compiled else "eager") + autocast  # older records name no dtype
+        row = run_summary(record)
         rows.append(
-            f"| `{path.name}` | CPL-{record['config']['size']} ({record['parameters'] / 1e6:.1f}M) "
-            f"| {record['epochs_completed']} | {record['device']}, {path_text} | {format_seconds(median)} "
-            f"| {format_seconds(record['wall_time_s'])} |"
+            f"| `{path.name}` | {row['network']} ({row['params_m']:.1f}M) | {row['epochs']} "
+            f"| {row['machine']}, {row['path']} | {format_seconds(60 * row['epoch_min'])} "
+            f"| {format_seconds(60 * row['minutes'])} |"
         )
     return rows
 

@@ -2,7 +2,6 @@
 input normalisation."""
 
 import dataclasses
-import json
 import os
 import pathlib
 import stat
@@ -31,10 +30,8 @@ from cpl_mini.runs import (
     load_checkpoint,
     load_model_state,
     load_run_model,
-    read_results,
     run_network,
     save_checkpoint,
-    upgrade_record,
 )
 from cpl_mini.train import train
 
@@ -314,41 +311,6 @@ def test_a_model_trained_with_std_normalize_certifies_with_bound_one_over_min_st
     res = certified_accuracy(model, loader, input_lipschitz=1.0)
     assert Fraction(res["lipschitz"]) >= exact and res["lipschitz"] == pytest.approx(float(exact), rel=1e-12)
     assert results["history"][-1]["lipschitz"] == res["lipschitz"]  # the training pipeline's bound too
-
-
-# -- records of earlier versions ------------------------------------------------------------------------
-def _old_record():
-    entry = {"epoch": 1, "loss": 0.5, "clean_acc": 0.4, "cert_36": 0.3, "cert_72": 0.2, "cert_108": 0.1}
-    return {
-        "status": "finished",
-        "history": [{"epoch": 1, "loss": 0.6}, entry],
-        "final": {"clean_acc": 0.4, "cert_36": 0.3, "cert_72": 0.2, "cert_108": 0.1},
-        "config": {"size": "XS"},
-    }
-
-
-def test_read_results_upgrades_the_cert_keys_of_earlier_versions(tmp_path):
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(_old_record()))
-    record = read_results(path)
-    certified = {"36/255": 0.3, "72/255": 0.2, "108/255": 0.1}
-    assert record["final"] == {"clean_acc": 0.4, "certified": certified}
-    assert record["history"] == [
-        {"epoch": 1, "loss": 0.6},
-        {"epoch": 1, "loss": 0.5, "clean_acc": 0.4, "certified": certified},
-    ]
-    assert record["config"] == {"size": "XS"} and record["status"] == "finished"
-    assert json.loads(path.read_text()) == _old_record()  # the file itself is left as it is
-    assert upgrade_record(record) == record  # a record of this version stays as it is
-    assert read_results(tmp_path / "missing.json") is None
-
-
-def test_the_books_committed_records_still_read():
-    for path in sorted((HERE.parent / "book" / "results").glob("*.json")):
-        raw, record = json.loads(path.read_text()), read_results(path)
-        old = raw["final"].get("cert_36", raw["final"].get("certified", {}).get("36/255"))
-        assert record["final"]["certified"]["36/255"] == old, path.name
-        assert not any(k.startswith("cert_") for h in record["history"] for k in h), path.name
 
 
 def test_book_config_picks_the_run_by_mode_device_and_native_bf16(monkeypatch):

@@ -190,6 +190,7 @@ def test_time_chapters_lists_the_finished_training_runs_from_their_records(tmp_p
         "device": "Some CPU (2 threads)",
         "history": [{"train_seconds": t} for t in (500.0, 300.0, 2000.0)],
         "wall_time_s": 3600.0,
+        "final": {"clean_acc": 0.5, "certified": {"36/255": 0.4}},
     }
     (results / "b-run.json").write_text(json.dumps(record))
     old = dict(record, compile=None, autocast=None, config={"size": "CPU", "compile": False})
